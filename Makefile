@@ -1,0 +1,49 @@
+# odise-pl: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA ?= data/synthetic
+
+.DEFAULT_GOAL := help
+
+help: ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# Exact versions seen working together (torch + torchvision from the registry: CUDA builds that also run on CPU).
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install everything (idempotent)
+
+data: setup ## write the synthetic COCO-panoptic dataset to $(DATA)
+	$(PY) -m odise_pl.data.synthetic --out $(DATA)
+
+train: setup ## train the default experiment (tiny models, synthetic data, CPU) end to end
+	$(PY) -m odise_pl.train $(ARGS)
+
+test: setup ## run the default (fast) test suite
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: setup ## run the slow tests too (full-size random-weight models; minutes, lots of RAM)
+	$(PY) -m pytest -q -m "slow" $(ARGS)
+
+smoke-full: setup ## full-size caption_512 with random weights, 2 training steps on CPU
+	$(PY) -m pytest -q -m slow tests/test_smoke_full.py $(ARGS)
+
+lint: setup ## ruff lint + format check
+	$(VENV)/bin/ruff check src tests scripts benchmarks
+	$(VENV)/bin/ruff format --check src tests scripts benchmarks
+
+format: setup ## apply ruff formatting and fixes
+	$(VENV)/bin/ruff check --fix src tests scripts benchmarks
+	$(VENV)/bin/ruff format src tests scripts benchmarks
+
+clean: ## remove run outputs (keeps .venv)
+	rm -rf outputs multirun logs lightning_logs .pytest_cache
+
+.PHONY: help setup data train test test-slow smoke-full lint format clean

@@ -1,0 +1,84 @@
+"""Frozen CLIP (open_clip): image embeddings for the implicit captioner, text embeddings of
+category names / nouns for mask classification, and dense image features for the CLIP opinion."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class FrozenCLIP(nn.Module):
+    """Wraps an open_clip ``CLIP``; never trained, never checkpointed.
+
+    Args:
+        model: an open_clip model (``odise_pl.weights.load_open_clip``).
+        tokenizer: open_clip tokenizer name (``open_clip.get_tokenizer``); ``None`` is CLIP's BPE,
+            which ships inside open_clip, so tokenising never needs the network.
+    """
+
+    def __init__(self, *, model: nn.Module, tokenizer: str | None = None, mean=OPENAI_MEAN, std=OPENAI_STD):
+        super().__init__()
+        import open_clip
+
+        self.model = model
+        self.model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(tokenizer) if tokenizer else open_clip.tokenizer.SimpleTokenizer()
+        size = model.visual.image_size
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):  # frozen: stays in eval mode whatever the parent does
+        return super().train(False)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[-1]) if self.model.text_projection is not None else 0
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """images: (B, 3, H, W) in [0, 1] -> (B, 3, S, S) normalised at CLIP's input size.
+
+        Resized as a whole (no centre crop): a crop could cut off the objects the caption should name.
+        """
+        x = F.interpolate(images.float(), size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
+        return (x.clamp(0, 1) - self.mean) / self.std
+
+    @torch.no_grad()
+    def encode_image(self, images: Tensor) -> Tensor:
+        """images: (B, 3, H, W) in [0, 1] -> (B, D) L2-normalised image embeddings."""
+        return F.normalize(self.model.encode_image(self.preprocess(images)), dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """texts: N strings -> (N, D) L2-normalised text embeddings."""
+        if len(texts) == 0:
+            raise ValueError("encode_text got an empty list of texts")
+        tokens = self.tokenizer(list(texts)).to(self.mean.device)
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+    @torch.no_grad()
+    def embed_vocabulary(
+        self, vocabulary: list[list[str]], templates: tuple[str, ...] = ("a photo of a {}.",)
+    ) -> tuple[Tensor, Tensor]:
+        """Prompted text embeddings of a vocabulary with synonyms.
+
+        vocabulary: K categories, each a non-empty list of names (synonyms)
+        -> embeddings (K, S, D) L2-normalised (mean over templates), valid (K, S) bool, S = most synonyms.
+        """
+        if not vocabulary or any(len(names) == 0 for names in vocabulary):
+            raise ValueError("the vocabulary is empty or has a category without a name")
+        flat = [(k, s, n) for k, names in enumerate(vocabulary) for s, n in enumerate(names)]
+        texts = [t.format(n) for _, _, n in flat for t in templates]
+        emb = self.encode_text(texts).view(len(flat), len(templates), -1).mean(1)
+        emb = F.normalize(emb, dim=-1)
+        n_syn = max(len(v) for v in vocabulary)
+        out = emb.new_zeros(len(vocabulary), n_syn, emb.shape[-1])
+        valid = torch.zeros(len(vocabulary), n_syn, dtype=torch.bool, device=emb.device)
+        for i, (k, s, _) in enumerate(flat):
+            out[k, s] = emb[i]
+            valid[k, s] = True
+        return out, valid

@@ -1,0 +1,178 @@
+"""Mask2Former's pixel decoder: multi-scale deformable-attention encoder over s3..s5 + FPN to stride 4.
+
+Written here in PyTorch (``grid_sample``) rather than Mask2Former's CUDA extension: nothing to
+compile, runs on CPU, and ``grid_sample`` is fused and fast on GPU. The numerics equal the
+reference ``ms_deform_attn_core_pytorch`` of Deformable DETR (tested against a per-point loop).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from odise_pl.model.position_encoding import PositionEmbeddingSine
+
+
+def ms_deform_attn(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
+    """Multi-scale deformable attention core.
+
+    value: (B, S, M, Dh) with S = sum(h_l * w_l); locations: (B, Lq, M, L, P, 2) in [0, 1] (x, y);
+    weights: (B, Lq, M, L, P) -> (B, Lq, M * Dh).
+    """
+    b, _, m, dh = value.shape
+    _, lq, _, n_levels, n_points, _ = locations.shape
+    values = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * locations - 1
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        v = values[lvl].flatten(2).transpose(1, 2).reshape(b * m, dh, h, w)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*M, Lq, P, 2)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    attn = weights.transpose(1, 2).reshape(b * m, 1, lq, n_levels * n_points)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * attn).sum(-1)  # (B*M, Dh, Lq)
+    return out.view(b, m * dh, lq).transpose(1, 2)
+
+
+class MSDeformAttn(nn.Module):
+    """Deformable attention over L levels: query (B, Lq, C), reference points (B, Lq, L, 2) -> (B, Lq, C)."""
+
+    def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # Deformable DETR's init: offsets start on a ring of directions, one per head, growing per point.
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.n_levels, self.n_points, 1)
+        for i in range(self.n_points):
+            grid[:, :, i, :] *= i + 1
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.view(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+        b, lq, _ = query.shape
+        m, n_l, n_p = self.n_heads, self.n_levels, self.n_points
+        v = self.value_proj(value).view(b, value.shape[1], m, self.d_model // m)
+        offsets = self.sampling_offsets(query).view(b, lq, m, n_l, n_p, 2)
+        weights = self.attention_weights(query).view(b, lq, m, n_l * n_p).softmax(-1).view(b, lq, m, n_l, n_p)
+        normaliser = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
+        locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
+        return self.output_proj(ms_deform_attn(v, shapes, locations, weights))
+
+
+class DeformEncoderLayer(nn.Module):
+    """Post-norm deformable self-attention + FFN over the flattened multi-scale tokens."""
+
+    def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+        src = self.norm1(src + self.dropout(self.self_attn(src + pos, reference_points, src, shapes)))
+        return self.norm2(src + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(src))))))
+
+
+class MSDeformAttnPixelDecoder(nn.Module):
+    """``features: {s2: (B, Cin, H/4, W/4), s3, s4, s5}`` -> ``mask_features: (B, mask_dim, H/4, W/4)``,
+    ``multi_scale: [(B, conv_dim, H/32, W/32), (.., H/16, ..), (.., H/8, ..)]`` (coarsest first, as the
+    transformer decoder consumes them).
+
+    Args:
+        in_channels: pyramid width (512).
+        conv_dim, mask_dim: 256 / 256 (Mask2Former).
+        num_layers, num_heads, num_points, dim_feedforward, dropout: encoder (6, 8, 4, 1024, 0.0).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 512,
+        conv_dim: int = 256,
+        mask_dim: int = 256,
+        num_layers: int = 6,
+        num_heads: int = 8,
+        num_points: int = 4,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.transformer_levels = ("s5", "s4", "s3")
+        n = len(self.transformer_levels)
+        gn = math.gcd(32, conv_dim)
+        self.input_proj = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(in_channels, conv_dim, 1), nn.GroupNorm(gn, conv_dim)) for _ in range(n)]
+        )
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.constant_(proj[0].bias, 0)
+        self.level_embed = nn.Parameter(torch.randn(n, conv_dim) * 0.02)
+        self.pe = PositionEmbeddingSine(conv_dim // 2)
+        self.layers = nn.ModuleList(
+            [DeformEncoderLayer(conv_dim, n, num_heads, num_points, dim_feedforward, dropout) for _ in range(num_layers)]
+        )
+        self.lateral = nn.Sequential(nn.Conv2d(in_channels, conv_dim, 1, bias=False), nn.GroupNorm(gn, conv_dim))
+        self.output = nn.Sequential(nn.Conv2d(conv_dim, conv_dim, 3, padding=1, bias=False), nn.GroupNorm(gn, conv_dim),
+                                    nn.ReLU())
+        self.mask_features = nn.Conv2d(conv_dim, mask_dim, 1)
+        for conv in (self.lateral[0], self.output[0], self.mask_features):
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+        nn.init.constant_(self.mask_features.bias, 0)
+        self.conv_dim = conv_dim
+
+    @staticmethod
+    def reference_points(shapes: list[tuple[int, int]], device, dtype) -> Tensor:
+        """(1, S, L, 2) normalised pixel centres of every token, repeated for each level (no padding mask)."""
+        refs = []
+        for h, w in shapes:
+            ys, xs = torch.meshgrid(
+                torch.linspace(0.5, h - 0.5, h, device=device, dtype=dtype) / h,
+                torch.linspace(0.5, w - 0.5, w, device=device, dtype=dtype) / w,
+                indexing="ij",
+            )
+            refs.append(torch.stack((xs.reshape(-1), ys.reshape(-1)), -1))
+        return torch.cat(refs, 0)[None, :, None, :].expand(1, -1, len(shapes), 2)
+
+    def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+        srcs, pos, shapes = [], [], []
+        for lvl, name in enumerate(self.transformer_levels):
+            x = self.input_proj[lvl](features[name])
+            shapes.append(tuple(x.shape[-2:]))
+            pos.append((self.pe(x) + self.level_embed[lvl].view(1, -1, 1, 1)).flatten(2).transpose(1, 2))
+            srcs.append(x.flatten(2).transpose(1, 2))
+        src, pos_all = torch.cat(srcs, 1), torch.cat(pos, 1)
+        ref = self.reference_points(shapes, src.device, src.dtype).expand(src.shape[0], -1, -1, -1)
+        for layer in self.layers:
+            src = layer(src, pos_all, ref, shapes)
+        b = src.shape[0]
+        multi_scale = [
+            t.transpose(1, 2).reshape(b, self.conv_dim, h, w)
+            for t, (h, w) in zip(src.split([h * w for h, w in shapes], 1), shapes)
+        ]
+        # FPN step to stride 4 from the finest transformer level.
+        lat = self.lateral(features["s2"])
+        y = self.output(lat + F.interpolate(multi_scale[-1], size=lat.shape[-2:], mode="bilinear", align_corners=False))
+        return self.mask_features(y), multi_scale

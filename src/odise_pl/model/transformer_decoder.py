@@ -1,0 +1,154 @@
+"""Mask2Former's masked-attention transformer decoder with ODISE's mask-embedding head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from odise_pl.model.position_encoding import PositionEmbeddingSine
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between: (..., in) -> (..., out)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class _Attention(nn.Module):
+    """Post-norm attention block (Mask2Former's pre_norm=False): q (B, Q, C), kv (B, S, C) -> (B, Q, C)."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, query: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        out = self.attn(q, k, v, attn_mask=attn_mask, need_weights=False)[0]
+        return self.norm(query + self.dropout(out))
+
+
+class _FFN(nn.Module):
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+
+
+def mask_pool(features: Tensor, masks: Tensor) -> Tensor:
+    """Average of ``features: (B, C, H, W)`` inside each of ``masks: (B, Q, H, W)`` (0/1) -> (B, Q, C)."""
+    area = masks.flatten(2).sum(-1, keepdim=True)
+    return torch.einsum("bqhw,bchw->bqc", masks, features) / area.clamp(min=1.0)
+
+
+class MaskedTransformerDecoder(nn.Module):
+    """``multi_scale: [(B, C, h_l, w_l)] x 3`` (coarsest first), ``mask_features: (B, C, H/4, W/4)`` ->::
+
+        pred_masks: (B, Q, H/4, W/4) logits
+        mask_embed: (B, Q, D)  the mask embedding z_i, D = embed_dim (CLIP's)
+        aux_outputs: [{pred_masks, mask_embed}] x num_layers  (learnable queries + all but the last layer)
+
+    Masked attention, ``num_layers`` layers round-robin over the 3 scales, predictions after the
+    learnable queries and after every layer (deep supervision: num_layers + 1 sets).
+
+    Mask-embedding head (PARITY with the facts file): pixel features pooled inside each predicted
+    mask (hard threshold 0.5 on the sigmoid, detached) -> LayerNorm + Linear, added to the query
+    output, then LayerNorm + 3-layer MLP to ``embed_dim``.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 256,
+        mask_dim: int = 256,
+        hidden_dim: int = 256,
+        num_queries: int = 100,
+        num_heads: int = 8,
+        dim_feedforward: int = 2048,
+        num_layers: int = 9,
+        dropout: float = 0.0,
+        embed_dim: int = 768,
+        num_levels: int = 3,
+    ):
+        super().__init__()
+        self.num_heads, self.num_layers, self.num_levels = num_heads, num_layers, num_levels
+        self.pe = PositionEmbeddingSine(hidden_dim // 2)
+        self.level_embed = nn.Embedding(num_levels, hidden_dim)
+        self.input_proj = nn.ModuleList(
+            nn.Conv2d(in_channels, hidden_dim, 1) if in_channels != hidden_dim else nn.Identity() for _ in range(num_levels)
+        )
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.cross_attn = nn.ModuleList(_Attention(hidden_dim, num_heads, dropout) for _ in range(num_layers))
+        self.self_attn = nn.ModuleList(_Attention(hidden_dim, num_heads, dropout) for _ in range(num_layers))
+        self.ffn = nn.ModuleList(_FFN(hidden_dim, dim_feedforward, dropout) for _ in range(num_layers))
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+        # ODISE's mask-embedding head.
+        self.pooled_proj = nn.Sequential(nn.LayerNorm(mask_dim), nn.Linear(mask_dim, hidden_dim))
+        self.embed_head = nn.Sequential(nn.LayerNorm(hidden_dim), MLP(hidden_dim, hidden_dim, embed_dim, 3))
+
+    def _predict(self, output: Tensor, mask_features: Tensor, target_size: tuple[int, int]):
+        out = self.decoder_norm(output)
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(out), mask_features)
+        hard = (masks.detach().sigmoid() > 0.5).to(mask_features.dtype)
+        embed = self.embed_head(out + self.pooled_proj(mask_pool(mask_features, hard)))
+        # Attention mask for the next layer: attend only inside the predicted mask (True = blocked).
+        small = F.interpolate(masks.detach(), size=target_size, mode="bilinear", align_corners=False)
+        attn_mask = (small.sigmoid().flatten(2) < 0.5).repeat_interleave(self.num_heads, dim=0)
+        return masks, embed, attn_mask
+
+    def forward(self, multi_scale: list[Tensor], mask_features: Tensor) -> dict:
+        srcs, pos, sizes = [], [], []
+        for i in range(self.num_levels):
+            x = multi_scale[i]
+            sizes.append(tuple(x.shape[-2:]))
+            pos.append(self.pe(x).flatten(2).transpose(1, 2))
+            srcs.append((self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][None, :, None]).transpose(1, 2))
+        b = mask_features.shape[0]
+        query_pos = self.query_embed.weight[None].expand(b, -1, -1)
+        output = self.query_feat.weight[None].expand(b, -1, -1)
+        preds = []
+        masks, embed, attn_mask = self._predict(output, mask_features, sizes[0])
+        preds.append((masks, embed))
+        for i in range(self.num_layers):
+            lvl = i % self.num_levels
+            # A query whose mask is empty everywhere attends to everything (else softmax over nothing).
+            attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
+            output = self.cross_attn[i](output + query_pos, srcs[lvl] + pos[lvl], srcs[lvl], output, attn_mask)
+            output = self.self_attn[i](output + query_pos, output + query_pos, output, output)
+            output = self.ffn[i](output)
+            masks, embed, attn_mask = self._predict(output, mask_features, sizes[(i + 1) % self.num_levels])
+            preds.append((masks, embed))
+        return {
+            "pred_masks": preds[-1][0],
+            "mask_embed": preds[-1][1],
+            "aux_outputs": [{"pred_masks": m, "mask_embed": e} for m, e in preds[:-1]],
+        }
+
+
+def init_logit_scale() -> float:
+    """log(1 / 0.07), CLIP's initial temperature."""
+    return math.log(1 / 0.07)

@@ -1,0 +1,223 @@
+"""Resolve every pretrained model ODISE uses, in one place.
+
+Each loader takes ``mode``:
+
+* ``pretrained`` -- the users' default: real weights through the library's own loading
+  (``from_pretrained`` for diffusers / transformers, open_clip pretrained tags or a local file),
+  which uses the Hugging Face cache and downloads when online;
+* ``random`` -- the full-size architecture, randomly initialised (smoke runs, benchmarks,
+  parameter counts; no download);
+* ``tiny`` -- a small configuration of the *same classes* (tests, the default experiment).
+
+A missing weight in ``pretrained`` mode raises :class:`WeightsNotFoundError`, one message naming
+the model, where it was looked for, and the config override that fixes it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+from torch import nn
+
+Mode = Literal["pretrained", "random", "tiny"]
+MODES = ("pretrained", "random", "tiny")
+
+# Stable Diffusion v1.x shapes (any v1.x checkpoint in diffusers format has these); used for
+# `random` mode so parameter counts match the paper without a download.
+SD_V1_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+SD_V1_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+)
+# CLIP ViT-L/14 text tower, as SD v1 uses it (transformers CLIPTextModel).
+SD_V1_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+SD_V1_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+)
+
+# Tiny versions: same classes, same block structure (4 levels, 2 layers per block, so the
+# official tap indices 2/5/8/11, 5/7 and 2/5 all exist), a few hundred thousand parameters each.
+TINY_UNET = dict(
+    SD_V1_UNET,
+    sample_size=16,
+    block_out_channels=(16, 32, 32, 32),
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=8,
+)
+TINY_VAE = dict(SD_V1_VAE, block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=64)
+TINY_TEXT = dict(
+    SD_V1_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32
+)
+
+DEFAULT_SD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD_HINT = (
+    "Download a Stable Diffusion v1.x checkpoint in diffusers format (e.g. `huggingface-cli download {src}`) "
+    "or point the config at a local folder: `model.backbone.sd_source=/path/to/stable-diffusion-v1-5`. "
+    "For a run without weights use `model.weights_mode=random` (full size) or `=tiny`."
+)
+
+
+class WeightsNotFoundError(RuntimeError):
+    """A pretrained model could not be loaded; the message says what to download and how to point at it."""
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"weights mode must be one of {MODES}, got {mode!r}")
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    # The one place where frozen models are frozen: eval mode, no gradients.
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _from_pretrained(cls, source: str, subfolder: str, what: str):
+    where = source if os.path.isdir(source) else f"Hugging Face hub id {source!r} (cache: {_hf_cache()})"
+    try:
+        return cls.from_pretrained(source, subfolder=subfolder)
+    except (OSError, ValueError, EnvironmentError) as err:  # noqa: UP024 - hub errors subclass OSError
+        raise WeightsNotFoundError(
+            f"cannot load the {what} ({cls.__name__}, subfolder {subfolder!r}) from {where}: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+            + SD_HINT.format(src=source)
+        ) from err
+
+
+def _hf_cache() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return HF_HUB_CACHE
+
+
+def load_unet(mode: Mode = "pretrained", source: str = DEFAULT_SD) -> nn.Module:
+    """Stable Diffusion v1.x ``UNet2DConditionModel``, frozen."""
+    from diffusers import UNet2DConditionModel
+
+    _check_mode(mode)
+    if mode == "pretrained":
+        return _frozen(_from_pretrained(UNet2DConditionModel, source, "unet", "diffusion UNet"))
+    return _frozen(UNet2DConditionModel(**(SD_V1_UNET if mode == "random" else TINY_UNET)))
+
+
+def load_vae(mode: Mode = "pretrained", source: str = DEFAULT_SD) -> nn.Module:
+    """Stable Diffusion v1.x ``AutoencoderKL``, frozen."""
+    from diffusers import AutoencoderKL
+
+    _check_mode(mode)
+    if mode == "pretrained":
+        return _frozen(_from_pretrained(AutoencoderKL, source, "vae", "VAE"))
+    return _frozen(AutoencoderKL(**(SD_V1_VAE if mode == "random" else TINY_VAE)))
+
+
+def load_text_encoder(mode: Mode = "pretrained", source: str = DEFAULT_SD) -> nn.Module:
+    """SD v1's text encoder (CLIP ViT-L/14 text tower as transformers ``CLIPTextModel``), frozen."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    _check_mode(mode)
+    if mode == "pretrained":
+        return _frozen(_from_pretrained(CLIPTextModel, source, "text_encoder", "text encoder"))
+    return _frozen(CLIPTextModel(CLIPTextConfig(**(SD_V1_TEXT if mode == "random" else TINY_TEXT))))
+
+
+def load_scheduler(mode: Mode = "pretrained", source: str = DEFAULT_SD):
+    """The DDPM noise schedule of SD v1 (only ``alphas_cumprod`` is used: Eq. 1)."""
+    from diffusers import DDPMScheduler
+
+    _check_mode(mode)
+    if mode == "pretrained" and os.path.isdir(os.path.join(source, "scheduler")):
+        return DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+    # The hub's scheduler config is these numbers; building it avoids a download for a 1 KB file.
+    return DDPMScheduler(**SD_V1_SCHEDULER)
+
+
+def tiny_clip_config() -> dict:
+    """open_clip ``CLIP`` kwargs for a tiny ViT CLIP with the real tokenizer's vocabulary."""
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    return dict(
+        embed_dim=32,
+        vision_cfg=CLIPVisionCfg(layers=2, width=32, head_width=16, patch_size=8, image_size=64),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=2),
+    )
+
+
+def load_open_clip(
+    mode: Mode = "pretrained", name: str = "ViT-L-14-336", pretrained: str = "openai"
+) -> nn.Module:
+    """An open_clip CLIP model, frozen.
+
+    Args:
+        mode: see module docstring.
+        name: open_clip architecture name (``open_clip.list_models()``).
+        pretrained: a pretrained tag (``open_clip.list_pretrained()``) or a path to a local weights file.
+    """
+    import open_clip
+
+    _check_mode(mode)
+    if mode == "tiny":
+        return _frozen(open_clip.model.CLIP(**tiny_clip_config()))
+    if mode == "random":
+        return _frozen(open_clip.create_model(name, pretrained=None))
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained)
+    except Exception as err:  # open_clip raises RuntimeError / hub errors / FileNotFoundError
+        raise WeightsNotFoundError(
+            f"cannot load open_clip model {name!r} with pretrained={pretrained!r} "
+            f"(looked in the local path if one was given, else the Hugging Face cache {_hf_cache()}): "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+            f"Download it while online (`python -c \"import open_clip; open_clip.create_model('{name}', "
+            f"pretrained='{pretrained}')\"`) or point the config at a local file: "
+            "`model.clip.pretrained=/path/to/open_clip_pytorch_model.bin`. "
+            "For a run without weights use `model.weights_mode=random` or `=tiny`."
+        ) from err
+    return _frozen(model)
+
+
+def count_parameters(module: nn.Module, trainable: bool | None = None) -> int:
+    """Number of (unique) parameters; ``trainable`` filters on ``requires_grad``."""
+    seen: set[int] = set()
+    total = 0
+    for p in module.parameters():
+        if id(p) in seen or (trainable is not None and p.requires_grad != trainable):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """``torch.load`` that never unpickles code (``weights_only=True``)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
