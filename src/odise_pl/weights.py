@@ -83,8 +83,8 @@ TINY_TEXT = dict(
 DEFAULT_SD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD_HINT = (
     "Download a Stable Diffusion v1.x checkpoint in diffusers format (e.g. `huggingface-cli download {src}`) "
-    "or point the config at a local folder: `model.backbone.sd_source=/path/to/stable-diffusion-v1-5`. "
-    "For a run without weights use `model.weights_mode=random` (full size) or `=tiny`."
+    "or point the config at a local folder: `weights.sd_source=/path/to/stable-diffusion-v1-5`. "
+    "For a run without weights use `weights.mode=random` (full size) or `weights.mode=tiny`."
 )
 
 
@@ -200,8 +200,8 @@ def load_open_clip(
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
             f"Download it while online (`python -c \"import open_clip; open_clip.create_model('{name}', "
             f"pretrained='{pretrained}')\"`) or point the config at a local file: "
-            "`model.clip.pretrained=/path/to/open_clip_pytorch_model.bin`. "
-            "For a run without weights use `model.weights_mode=random` or `=tiny`."
+            "`weights.clip_pretrained=/path/to/open_clip_pytorch_model.bin`. "
+            "For a run without weights use `weights.mode=random` or `weights.mode=tiny`."
         ) from err
     return _frozen(model)
 

@@ -141,7 +141,8 @@ class DiffusionBackbone(nn.Module):
         key = tuple(latent_shape[1:])
         if key not in self._noise_cache:
             gen = torch.Generator().manual_seed(self.noise_seed)
-            self._noise_cache[key] = torch.randn((1, *key), generator=gen)
+            with torch.inference_mode(False):  # reused by training steps after a validation filled it
+                self._noise_cache[key] = torch.randn((1, *key), generator=gen)
         return self._noise_cache[key].to(device=device, dtype=dtype)
 
     def encode(self, images: Tensor) -> Tensor:

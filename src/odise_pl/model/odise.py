@@ -126,7 +126,9 @@ class ODISE(nn.Module):
         """(K, S, D), (K, S) for a vocabulary of synonym lists; cached per vocabulary."""
         key = (tuple(tuple(v) for v in vocabulary), self.prompt_templates)
         if key not in self._vocab_cache:
-            self._vocab_cache[key] = self.clip.embed_vocabulary(vocabulary, self.prompt_templates)
+            # Outside inference mode: a cache filled during validation is reused by training steps.
+            with torch.inference_mode(False), torch.no_grad():
+                self._vocab_cache[key] = self.clip.embed_vocabulary(vocabulary, self.prompt_templates)
         emb, valid = self._vocab_cache[key]
         device = self.classifier.logit_scale.device
         return emb.to(device), valid.to(device)

@@ -1,0 +1,146 @@
+"""LightningDataModule: COCO-panoptic-format datasets, LSJ for training, batching with targets."""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from odise_pl.data.nouns import SampleWords
+from odise_pl.data.transforms import pad_to_divisible
+
+
+class Compose:
+    """Apply item transforms in order."""
+
+    def __init__(self, transforms: list[Callable]):
+        self.transforms = [t for t in transforms if t is not None]
+
+    def __call__(self, item: dict) -> dict:
+        for t in self.transforms:
+            item = t(item)
+        return item
+
+
+def collate(items: list[dict], size_divisibility: int = 64) -> dict:
+    """Items -> ``images: (B, 3, H, W) uint8`` zero-padded to a multiple of ``size_divisibility``,
+    ``targets``: per image ``masks (N, H, W)`` (padded like the image when the transform resized
+    both; at the original size when only the image was resized, for evaluation), ``labels``, ``isthing``,
+    ``iscrowd``; ``captions``: one random caption per image (for the ``text`` captioner);
+    ``words``: (B lists of K) sampled nouns when present; ``meta``: ids, original and input sizes."""
+    images, sizes = pad_to_divisible([it["image"] for it in items], size_divisibility)
+    hh, ww = images.shape[-2:]
+    targets = []
+    for it in items:
+        m = it["masks"]
+        if m.shape[-2:] == it["image"].shape[-2:]:  # training: masks follow the image, so pad alike
+            padded = m.new_zeros(m.shape[0], hh, ww)
+            padded[:, : m.shape[-2], : m.shape[-1]] = m
+            m = padded
+        # else (evaluation): ground truth stays at the original resolution, predictions are resized to it
+        targets.append({"masks": m, "labels": it["labels"], "isthing": it["isthing"], "iscrowd": it["iscrowd"]})
+    batch = {
+        "images": images,
+        "targets": targets,
+        "captions": [random.choice(it["captions"]) if it["captions"] else "" for it in items],
+        "meta": [
+            {"image_id": it["image_id"], "file_name": it["file_name"], "height": it["height"], "width": it["width"],
+             "input_size": s}
+            for it, s in zip(items, sizes)
+        ],
+    }
+    if all("words" in it for it in items):
+        batch["words"] = [it["words"] for it in items]
+    return batch
+
+
+def _drop_crowd(item: dict) -> dict:
+    # PARITY with Mask2Former's COCO panoptic mapper: crowd regions are not training targets.
+    keep = ~item["iscrowd"]
+    for k in ("masks", "labels", "isthing", "iscrowd"):
+        item[k] = item[k][keep]
+    return item
+
+
+class ODISEDataModule(L.LightningDataModule):
+    """Serves training batches (LSJ, nouns for caption supervision) and validation batches.
+
+    Args:
+        train_dataset, val_dataset: partials of a dataset class taking ``transform=``
+            (``COCOPanopticDataset``); built in ``setup`` so a generated dataset exists by then.
+        train_transform, val_transform: item transforms (``LSJ`` / ``ResizeShortestEdge``).
+        batch_size: per-device training batch size; val_batch_size likewise.
+        num_workers: DataLoader workers.
+        k_words: nouns sampled per image for caption supervision (0: off).
+        size_divisibility: pad inputs to a multiple of this (64 for SD).
+        synthetic: if set (``{root, num_train, num_val, seed}``), write the synthetic dataset there
+            when it does not exist yet (the default experiment runs out of the box).
+    """
+
+    def __init__(
+        self,
+        *,
+        train_dataset: Callable,
+        val_dataset: Callable,
+        train_transform: Callable | None = None,
+        val_transform: Callable | None = None,
+        batch_size: int = 2,
+        val_batch_size: int = 1,
+        num_workers: int = 2,
+        k_words: int = 8,
+        size_divisibility: int = 64,
+        synthetic: dict | None = None,
+    ):
+        super().__init__()
+        self.train_factory, self.val_factory = train_dataset, val_dataset
+        self.train_transform, self.val_transform = train_transform, val_transform
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self.k_words, self.size_divisibility, self.synthetic = k_words, size_divisibility, synthetic
+        self.train_set = self.val_set = None
+
+    def prepare_data(self) -> None:
+        if self.synthetic and not (Path(self.synthetic["root"]) / "annotations").is_dir():
+            from odise_pl.data.synthetic import write_dataset
+
+            write_dataset(self.synthetic["root"], self.synthetic.get("num_train", 64),
+                          self.synthetic.get("num_val", 16), self.synthetic.get("seed", 0))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None and stage in (None, "fit"):
+            words = SampleWords(self.k_words) if self.k_words else None
+            self.train_set = self.train_factory(transform=Compose([self.train_transform, _drop_crowd, words]))
+        if self.val_set is None:
+            self.val_set = self.val_factory(transform=self.val_transform)
+
+    @property
+    def vocabulary(self) -> list[list[str]]:
+        """Category names of the (validation) dataset, one synonym list per category."""
+        ds = self.val_set or self.train_set
+        return [[n] for n in ds.class_names]
+
+    @property
+    def isthing(self) -> list[bool]:
+        return list((self.val_set or self.train_set).isthing)
+
+    def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=functools.partial(collate, size_divisibility=self.size_divisibility),
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.val_batch_size, shuffle=False)

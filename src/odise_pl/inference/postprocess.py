@@ -1,0 +1,59 @@
+"""Mask-classification outputs -> panoptic / semantic segmentation (Mask2Former's inference)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def semantic_inference(logits: Tensor, masks: Tensor) -> Tensor:
+    """logits (Q, K + 1), mask logits (Q, H, W) -> per-pixel class scores (K, H, W)."""
+    return torch.einsum("qk,qhw->khw", logits.softmax(-1)[:, :-1], masks.sigmoid())
+
+
+def panoptic_inference(
+    logits: Tensor,
+    masks: Tensor,
+    isthing: list[bool] | Tensor,
+    object_mask_threshold: float = 0.0,
+    overlap_threshold: float = 0.8,
+) -> tuple[Tensor, list[dict]]:
+    """One image: logits (Q, K + 1), mask logits (Q, H, W) -> (panoptic ids (H, W) int32, segments_info).
+
+    PARITY with Mask2Former / ODISE (object_mask_threshold 0.0, overlap_threshold 0.8): drop
+    no-object queries and those below the score threshold; each pixel goes to the query with the
+    highest score * mask probability; a query keeps its pixels only where its own mask is >= 0.5
+    and when it keeps at least ``overlap_threshold`` of its mask; stuff segments of one class merge.
+    segments_info: ``{"id", "category_id" (contiguous), "isthing", "score"}``; id 0 is unassigned.
+    """
+    num_classes = logits.shape[-1] - 1
+    scores, labels = logits.softmax(-1).max(-1)
+    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+    probs = masks.sigmoid()
+    h, w = masks.shape[-2:]
+    panoptic = torch.zeros((h, w), dtype=torch.int32, device=masks.device)
+    segments: list[dict] = []
+    if not keep.any():
+        return panoptic, segments
+    cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], probs[keep]
+    mask_ids = (cur_scores[:, None, None] * cur_masks).argmax(0)
+    stuff_ids: dict[int, int] = {}
+    for k in range(len(cur_classes)):
+        cls = int(cur_classes[k])
+        thing = bool(isthing[cls])
+        own = cur_masks[k] >= 0.5
+        mask = (mask_ids == k) & own
+        mask_area, original_area = int((mask_ids == k).sum()), int(own.sum())
+        if mask_area == 0 or original_area == 0 or int(mask.sum()) == 0:
+            continue
+        if mask_area / original_area < overlap_threshold:
+            continue
+        if not thing and cls in stuff_ids:
+            panoptic[mask] = stuff_ids[cls]
+            continue
+        seg_id = len(segments) + 1
+        if not thing:
+            stuff_ids[cls] = seg_id
+        panoptic[mask] = seg_id
+        segments.append({"id": seg_id, "category_id": cls, "isthing": thing, "score": float(cur_scores[k])})
+    return panoptic, segments

@@ -1,0 +1,195 @@
+"""LightningModule: wires model, losses, optimiser, metrics and trainable-only checkpoints.
+
+It computes nothing of the method itself: the model (``model/``), the losses (``loss/``) and the
+post-processing (``inference/``) do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.detection import PanopticQuality
+
+from odise_pl.inference.postprocess import panoptic_inference
+from odise_pl.loss.criterion import SetCriterion
+from odise_pl.loss.grounding import GroundingLoss
+from odise_pl.model.odise import ODISE, to_unit
+
+
+def warmup_step_lambda(warmup_steps: int, milestones: list[int], gamma: float = 0.1, warmup_factor: float = 0.001):
+    """LR multiplier: linear warm-up from ``warmup_factor`` over ``warmup_steps``, then x ``gamma`` at each milestone."""
+
+    def f(step: int) -> float:
+        decay = gamma ** sum(step >= m for m in milestones)
+        if step < warmup_steps:
+            alpha = step / max(1, warmup_steps)
+            return decay * (warmup_factor * (1 - alpha) + alpha)
+        return decay
+
+    return f
+
+
+class ODISELitModule(L.LightningModule):
+    """Training / validation of ODISE.
+
+    Args:
+        net: the :class:`ODISE` model.
+        criterion: :class:`SetCriterion` (matching + mask losses, and CE under label supervision).
+        grounding: :class:`GroundingLoss` (caption supervision).
+        supervision: ``label`` (category cross-entropy, Eq. 5) or ``caption`` (grounding loss, Eq. 8).
+        optimizer: partial of a torch optimiser (AdamW lr 1e-4, wd 0.05), given trainable parameters only.
+        warmup_steps, lr_milestones, lr_gamma: warm-up then step schedule (per optimiser step).
+        object_mask_threshold, overlap_threshold: panoptic post-processing (0.0 / 0.8).
+    """
+
+    def __init__(
+        self,
+        *,
+        net: ODISE,
+        criterion: SetCriterion,
+        grounding: GroundingLoss,
+        supervision: str = "label",
+        optimizer: Callable,
+        warmup_steps: int = 500,
+        lr_milestones: tuple[int, ...] | list[int] = (),
+        lr_gamma: float = 0.1,
+        object_mask_threshold: float = 0.0,
+        overlap_threshold: float = 0.8,
+    ):
+        super().__init__()
+        if supervision not in ("label", "caption"):
+            raise ValueError(f"supervision must be 'label' or 'caption', got {supervision!r}")
+        self.net, self.criterion, self.grounding = net, criterion, grounding
+        self.supervision = supervision
+        self.optimizer_factory = optimizer
+        self.warmup_steps, self.lr_milestones, self.lr_gamma = warmup_steps, list(lr_milestones), lr_gamma
+        self.object_mask_threshold, self.overlap_threshold = object_mask_threshold, overlap_threshold
+        # Frozen parts are in eval mode and out of the checkpoint: loading needs no frozen keys.
+        self.strict_loading = False
+        self.vocabulary: list[list[str]] | None = None
+        self.isthing: list[bool] | None = None
+        self.pq: PanopticQuality | None = None
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is not None and self.vocabulary is None:
+            self.set_vocabulary(dm.vocabulary, dm.isthing)
+
+    def set_vocabulary(self, vocabulary: list[list[str]], isthing: list[bool]) -> None:
+        """Categories for label supervision and validation (contiguous ids = list positions)."""
+        self.vocabulary, self.isthing = vocabulary, list(isthing)
+        k = len(vocabulary)
+        self.void = k
+        self.pq = PanopticQuality(
+            things={i for i in range(k) if isthing[i]},
+            stuffs={i for i in range(k) if not isthing[i]},
+            allow_unknown_preds_category=True,
+            return_sq_and_rq=True,
+        )
+
+    # -- training ------------------------------------------------------------------------------
+    def compute_losses(self, batch: dict) -> dict[str, Tensor]:
+        images = to_unit(batch["images"])
+        captions = batch.get("captions")
+        outputs = self.net(images, captions)
+        targets = batch["targets"]
+        if self.supervision == "label":
+            self.net.classify(outputs, *self.net.text_embeddings(self.vocabulary))
+        losses = self.criterion(outputs, targets)
+        if self.supervision == "caption":
+            if "words" not in batch:
+                raise ValueError("caption supervision needs nouns per image: set data.k_words > 0 with captions on")
+            words = self.net.word_embeddings(batch["words"])
+            scale = self.net.classifier.scale
+            sets = [("", outputs)] + [(f"_{i}", a) for i, a in enumerate(outputs["aux_outputs"])]
+            for suffix, out in sets:
+                losses["loss_ground" + suffix] = self.grounding(out["mask_embed"], words, scale)
+        return losses
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        losses = self.compute_losses(batch)
+        total = sum(losses.values())
+        bs = batch["images"].shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        for k, v in losses.items():
+            if not k.rsplit("_", 1)[-1].isdigit():  # final-set terms only; aux sets are in train/loss
+                self.log(f"train/{k}", v, batch_size=bs)
+        self.log("train/logit_scale", self.net.classifier.scale.detach(), batch_size=bs)
+        return total
+
+    # -- validation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_panoptic(self, batch: dict) -> list[tuple[Tensor, list[dict]]]:
+        """Panoptic predictions at each image's original size."""
+        images = to_unit(batch["images"])
+        outputs = self.net(images, batch.get("captions"))
+        logits = self.net.classifier(outputs["mask_embed"], *self.net.text_embeddings(self.vocabulary))
+        masks = F.interpolate(outputs["pred_masks"], size=images.shape[-2:], mode="bilinear", align_corners=False)
+        results = []
+        for i, meta in enumerate(batch["meta"]):
+            h, w = meta["input_size"]
+            m = masks[i : i + 1, :, :h, :w]
+            m = F.interpolate(m, size=(meta["height"], meta["width"]), mode="bilinear", align_corners=False)[0]
+            results.append(
+                panoptic_inference(logits[i], m, self.isthing, self.object_mask_threshold, self.overlap_threshold)
+            )
+        return results
+
+    def _to_pairs(self, ids: Tensor, segments: list[dict]) -> Tensor:
+        """(H, W) segment ids + segments -> (H, W, 2) (category, instance); void = K."""
+        cat = torch.full_like(ids, self.void, dtype=torch.long)
+        inst = torch.zeros_like(ids, dtype=torch.long)
+        for s in segments:
+            m = ids == s["id"]
+            cat[m] = s["category_id"]
+            inst[m] = s["id"]
+        return torch.stack([cat, inst], -1)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        for (pan, segs), tgt in zip(self.predict_panoptic(batch), batch["targets"]):
+            meta_h, meta_w = pan.shape
+            gt_ids = torch.zeros((meta_h, meta_w), dtype=torch.long, device=pan.device)
+            gt_segs = []
+            for j in range(len(tgt["labels"])):
+                m = tgt["masks"][j, :meta_h, :meta_w].to(pan.device)
+                gt_ids[m] = j + 1
+                # Until the COCO-exact evaluator lands, crowd regions count as void.
+                if not bool(tgt["iscrowd"][j]):
+                    gt_segs.append({"id": j + 1, "category_id": int(tgt["labels"][j])})
+            self.pq.update(self._to_pairs(pan, segs)[None], self._to_pairs(gt_ids, gt_segs)[None])
+
+    def on_validation_epoch_end(self) -> None:
+        # NaN (nothing predicted, nothing matched) counts as 0, as the COCO API would report it.
+        pq, sq, rq = (100 * torch.nan_to_num(v, nan=0.0) for v in self.pq.compute())
+        self.log_dict({"val/pq": pq, "val/sq": sq, "val/rq": rq}, prog_bar=True)
+        self.pq.reset()
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = self.optimizer_factory(params=params)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, warmup_step_lambda(self.warmup_steps, self.lr_milestones, self.lr_gamma)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints: trainable weights only ------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        prefixes = tuple(f"net.{p}" for p in self.net.frozen_prefixes())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        prefixes = tuple(f"net.{p}" for p in self.net.frozen_prefixes())
+        own = {k for k in self.state_dict() if not k.startswith(prefixes)}
+        missing = sorted(own - set(checkpoint["state_dict"]))
+        if missing:
+            raise RuntimeError(
+                f"checkpoint lacks {len(missing)} trained weights of this model (e.g. {missing[:3]}); "
+                "it was written by a different model configuration"
+            )
+

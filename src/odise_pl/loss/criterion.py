@@ -1,0 +1,105 @@
+"""Set criterion: category cross-entropy (Eq. 5) and class-agnostic point-sampled BCE + dice mask
+losses, over the final and every auxiliary prediction set (deep supervision)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from odise_pl.loss.matcher import HungarianMatcher
+from odise_pl.loss.point_sampling import point_sample, uncertain_point_coords
+
+
+def sigmoid_ce_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
+    """inputs, targets (M, P) -> mean BCE over points, summed over masks, / num_masks."""
+    return F.binary_cross_entropy_with_logits(inputs, targets, reduction="none").mean(1).sum() / num_masks
+
+
+def dice_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
+    """inputs (M, P) logits, targets (M, P) -> sum of (1 - soft dice) / num_masks."""
+    s = inputs.sigmoid()
+    num = 2 * (s * targets).sum(-1)
+    den = s.sum(-1) + targets.sum(-1)
+    return (1 - (num + 1) / (den + 1)).sum() / num_masks
+
+
+def global_num_masks(targets: list[dict], device) -> float:
+    """Number of target masks over the whole (distributed) batch, at least 1."""
+    n = torch.tensor(float(sum(len(t["masks"]) for t in targets)), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(n)
+        n = n / dist.get_world_size()
+    return max(n.item(), 1.0)
+
+
+class SetCriterion(nn.Module):
+    """Losses for Mask2Former-style outputs, weighted; keys ``loss_ce``, ``loss_mask``, ``loss_dice``
+    for the final set and ``..._{i}`` for aux set i.
+
+    ``loss_ce`` is computed only when the outputs carry ``pred_logits`` (label supervision); masks
+    are always class-agnostic.
+
+    Args:
+        matcher: :class:`HungarianMatcher`.
+        class_weight, mask_weight, dice_weight: 2.0 / 5.0 / 5.0.
+        no_object_weight: CE weight of the no-object class (0.1).
+        num_points, oversample_ratio, importance_ratio: 12544 / 3.0 / 0.75.
+    """
+
+    def __init__(
+        self,
+        *,
+        matcher: HungarianMatcher,
+        class_weight: float = 2.0,
+        mask_weight: float = 5.0,
+        dice_weight: float = 5.0,
+        no_object_weight: float = 0.1,
+        num_points: int = 12544,
+        oversample_ratio: float = 3.0,
+        importance_ratio: float = 0.75,
+    ):
+        super().__init__()
+        self.matcher = matcher
+        self.weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
+        self.no_object_weight = no_object_weight
+        self.num_points, self.oversample_ratio, self.importance_ratio = num_points, oversample_ratio, importance_ratio
+
+    def loss_labels(self, outputs: dict, targets: list[dict], indices) -> Tensor:
+        logits = outputs["pred_logits"].float()  # (B, Q, K + 1)
+        b, q, k1 = logits.shape
+        target_classes = torch.full((b, q), k1 - 1, dtype=torch.long, device=logits.device)
+        for i, ((src, tgt), t) in enumerate(zip(indices, targets)):
+            target_classes[i, src.to(logits.device)] = t["labels"][tgt].to(logits.device)
+        weight = torch.ones(k1, device=logits.device)
+        weight[-1] = self.no_object_weight
+        return F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
+
+    def loss_masks(self, outputs: dict, targets: list[dict], indices, num_masks: float) -> tuple[Tensor, Tensor]:
+        pred = outputs["pred_masks"]
+        src = torch.cat([pred[i, s] for i, (s, _) in enumerate(indices)])  # (M, h, w)
+        if src.shape[0] == 0:
+            zero = pred.sum() * 0.0
+            return zero, zero
+        tgt = torch.cat([t["masks"][j] for t, (_, j) in zip(targets, indices)]).to(src.dtype)  # (M, H, W)
+        src, tgt = src[:, None].float(), tgt[:, None].float()
+        with torch.no_grad():
+            coords = uncertain_point_coords(src, self.num_points, self.oversample_ratio, self.importance_ratio)
+            labels = point_sample(tgt, coords)[:, 0]
+        logits = point_sample(src, coords)[:, 0]
+        return sigmoid_ce_loss(logits, labels, num_masks), dice_loss(logits, labels, num_masks)
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        """outputs: model outputs (with aux_outputs); targets: per image ``masks``, ``labels``."""
+        num_masks = global_num_masks(targets, outputs["pred_masks"].device)
+        sets = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        losses: dict[str, Tensor] = {}
+        for suffix, out in sets:
+            indices = self.matcher(out, targets)
+            if "pred_logits" in out:
+                losses["loss_ce" + suffix] = self.weights["loss_ce"] * self.loss_labels(out, targets, indices)
+            lm, ld = self.loss_masks(out, targets, indices, num_masks)
+            losses["loss_mask" + suffix] = self.weights["loss_mask"] * lm
+            losses["loss_dice" + suffix] = self.weights["loss_dice"] * ld
+        return losses

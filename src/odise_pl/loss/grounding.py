@@ -1,0 +1,70 @@
+"""Caption grounding loss (Eq. 7-8) over the global batch."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def gather_with_local_grad(x: Tensor) -> Tensor:
+    """all_gather along dim 0; this rank's slice keeps its autograd graph, the others are constants."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts, 0)
+
+
+def grounding_similarity(mask_embed: Tensor, word_embed: Tensor, scale: Tensor, softmax_over: str = "queries") -> Tensor:
+    """Eq. 7 for every (image m, caption n) pair.
+
+    mask_embed (Bi, N, D), word_embed (Bt, K, D) (both L2-normalised here) -> g (Bi, Bt).
+    ``softmax_over``: ``queries`` (official code: each word spreads its weight over the masks, so
+    it is grounded by one or a few regions and ungrounded regions go unpenalised, as Sec. 3.5
+    describes) or ``words`` (Eq. 7 read literally: each mask's softmax over the K words).
+    """
+    z = F.normalize(mask_embed, dim=-1)
+    w = F.normalize(word_embed, dim=-1)
+    sim = torch.einsum("mid,nkd->mnik", z, w)  # (Bi, Bt, N, K)
+    dim = {"queries": 2, "words": 3}[softmax_over]
+    p = (scale * sim).softmax(dim=dim)
+    return (p * sim).sum(2).mean(-1)
+
+
+class GroundingLoss(nn.Module):
+    """Symmetric image-caption contrastive loss on g (Eq. 8), over the batch gathered from all processes.
+
+    ``mask_embed: (B, N, D)``, ``word_embed: (B, K, D)`` (K_word nouns sampled from one caption),
+    ``scale`` = 1/tau (the classifier's learnable logit scale) -> scalar.
+
+    Under DDP every process computes the loss of the whole global batch, with gradients through
+    its own samples only; the backward is scaled by the world size so that DDP's gradient
+    averaging yields exactly the single-process gradient of the global-batch loss (the value
+    returned is the unscaled loss).
+
+    Args:
+        weight: loss weight.
+        softmax_over: see :func:`grounding_similarity` (default ``queries``, PARITY with the official code;
+            DIVERGES from the literal Eq. 7, whose softmax runs over words).
+    """
+
+    def __init__(self, *, weight: float = 1.0, softmax_over: str = "queries"):
+        super().__init__()
+        if softmax_over not in ("queries", "words"):
+            raise ValueError(f"softmax_over must be 'queries' or 'words', got {softmax_over!r}")
+        self.weight, self.softmax_over = weight, softmax_over
+
+    def forward(self, mask_embed: Tensor, word_embed: Tensor, scale: Tensor) -> Tensor:
+        z = gather_with_local_grad(mask_embed.float())
+        w = gather_with_local_grad(word_embed.float())
+        g = grounding_similarity(z, w, scale.float(), self.softmax_over)
+        logits = scale.float() * g
+        target = torch.arange(g.shape[0], device=g.device)
+        loss = F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
+            loss = loss * world - (loss * (world - 1)).detach()
+        return self.weight * loss

@@ -1,0 +1,69 @@
+"""Train ODISE: ``python -m odise_pl.train [experiment=...] [key=value ...]``.
+
+Composes the Hydra config (``conf/train.yaml``), prints it, builds datamodule, model, callbacks,
+loggers and trainer, trains, then validates and prints panoptic quality.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def instantiate_dict(cfg: DictConfig | None) -> list:
+    """Instantiate every ``_target_`` node of a group like ``callbacks`` / ``logger``."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def build(cfg: DictConfig):
+    """(datamodule, module, trainer) from a composed config. Everything is built before any
+    training starts, so a bad key or value fails at start-up."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = hydra.utils.instantiate(cfg.model)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=instantiate_dict(cfg.get("logger")) or False
+    )
+    return datamodule, module, trainer
+
+
+def format_metrics(metrics: dict) -> str:
+    keys = sorted(k for k in metrics if k.startswith("val/"))
+    return "  ".join(f"{k}={float(metrics[k]):.2f}" for k in keys)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train (and validate) per ``cfg``; returns the final validation metrics."""
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.set_float32_matmul_precision("high")
+    datamodule, module, trainer = build(cfg)
+    before = {}
+    if cfg.get("validate_before_training"):
+        before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        print(f"before training: {format_metrics(before)}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    if before:
+        print(f"before training: {format_metrics(before)}")
+    print(f"after training:  {format_metrics(metrics)}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return float(metrics.get("val/pq", 0.0))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
