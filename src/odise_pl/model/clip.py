@@ -31,6 +31,7 @@ class FrozenCLIP(nn.Module):
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.eval()
 
     def train(self, mode: bool = True):  # frozen: stays in eval mode whatever the parent does
         return super().train(False)

@@ -73,6 +73,7 @@ class DiffusionBackbone(nn.Module):
             module.register_forward_pre_hook(self._make_hook(name))
         # The implicit captioner's learned offset is added to the UNet's time embedding output.
         unet.time_embedding.register_forward_hook(self._add_time_offset)
+        self.eval()
 
     # -- construction helpers ---------------------------------------------------------------
     @staticmethod

@@ -28,6 +28,7 @@ class SDTextEncoder(nn.Module):
         self.model.eval().requires_grad_(False)
         self.context_length = int(model.config.max_position_embeddings)
         self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
+        self.eval()
 
     def train(self, mode: bool = True):
         return super().train(False)
