@@ -41,7 +41,9 @@ def tiny_clip():
 
 def make_backbone(**kw) -> DiffusionBackbone:
     torch.manual_seed(0)
-    return DiffusionBackbone(unet=W.load_unet("tiny"), vae=W.load_vae("tiny"), scheduler=W.load_scheduler("tiny"), **kw)
+    return DiffusionBackbone(
+        unet=W.load_unet("tiny"), vae=W.load_vae("tiny"), scheduler=W.load_scheduler("tiny"), **kw
+    )
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +71,14 @@ def make_odise(backbone, text_encoder, clip, captioner="implicit", queries=8):
             in_channels=32, conv_dim=32, mask_dim=32, num_layers=1, num_heads=4, dim_feedforward=64
         ),
         transformer_decoder=MaskedTransformerDecoder(
-            in_channels=32, mask_dim=32, hidden_dim=32, num_queries=queries, num_heads=4, dim_feedforward=64,
-            num_layers=3, embed_dim=clip.embed_dim,
+            in_channels=32,
+            mask_dim=32,
+            hidden_dim=32,
+            num_queries=queries,
+            num_heads=4,
+            dim_feedforward=64,
+            num_layers=3,
+            embed_dim=clip.embed_dim,
         ),
         classifier=functools.partial(MaskClassifier),
         backbone_size=128,

@@ -33,8 +33,11 @@ def test_near_zero_on_perfect_predictions_and_every_aux_key():
     logits = torch.full((1, 4, 4), -50.0)
     logits[0, 1, 0] = logits[0, 3, 2] = 50.0
     logits[0, 0, 3] = logits[0, 2, 3] = 50.0  # no-object
-    out = {"pred_masks": perfect, "pred_logits": logits,
-           "aux_outputs": [{"pred_masks": perfect, "pred_logits": logits} for _ in range(2)]}
+    out = {
+        "pred_masks": perfect,
+        "pred_logits": logits,
+        "aux_outputs": [{"pred_masks": perfect, "pred_logits": logits} for _ in range(2)],
+    }
     crit = SetCriterion(matcher=HungarianMatcher(num_points=4000), num_points=4000, importance_ratio=0.0)
     losses = crit(out, tg)
     assert set(losses) == {f"{k}{s}" for k in ("loss_ce", "loss_mask", "loss_dice") for s in ("", "_0", "_1")}
@@ -53,6 +56,9 @@ def test_caption_mode_has_no_class_loss_and_no_object_weight():
     # CE with all queries unmatched = weighted mean of -log p(no-object)
     crit = SetCriterion(matcher=HungarianMatcher(num_points=100), num_points=100)
     logits = torch.randn(1, 3, 4)
-    ce = crit.loss_labels({"pred_logits": logits}, [{"labels": torch.tensor([], dtype=torch.long)}],
-                          [(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))])
+    ce = crit.loss_labels(
+        {"pred_logits": logits},
+        [{"labels": torch.tensor([], dtype=torch.long)}],
+        [(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))],
+    )
     torch.testing.assert_close(ce, -logits.log_softmax(-1)[0, :, -1].mean())

@@ -45,7 +45,9 @@ def test_generator_is_deterministic(tmp_path):
     b = write_dataset(tmp_path / "b", 3, 1, seed=5)
     for k in a["train"]:
         assert np.array_equal(a["train"][k], b["train"][k])
-    assert (tmp_path / "a/train2017/000000000001.jpg").read_bytes() == (tmp_path / "b/train2017/000000000001.jpg").read_bytes()
+    assert (tmp_path / "a/train2017/000000000001.jpg").read_bytes() == (
+        tmp_path / "b/train2017/000000000001.jpg"
+    ).read_bytes()
 
 
 def test_some_crowd_and_void(synthetic_root):
@@ -67,8 +69,13 @@ def test_lsj_keeps_masks_aligned_with_pixels():
     masks = torch.stack([torch.from_numpy(seg == k) for k in range(3)])
     for seed in range(10):
         random.seed(seed)
-        item = {"image": image.clone(), "masks": masks.clone(), "labels": torch.arange(3),
-                "isthing": torch.ones(3, dtype=torch.bool), "iscrowd": torch.zeros(3, dtype=torch.bool)}
+        item = {
+            "image": image.clone(),
+            "masks": masks.clone(),
+            "labels": torch.arange(3),
+            "isthing": torch.ones(3, dtype=torch.bool),
+            "iscrowd": torch.zeros(3, dtype=torch.bool),
+        }
         out = LSJ(size=64, min_scale=0.3, max_scale=2.0)(item)
         assert out["image"].shape == (3, 64, 64) and out["masks"].shape[-2:] == (64, 64)
         for m, k in zip(out["masks"], out["labels"]):
@@ -89,7 +96,10 @@ def test_resize_shortest_edge_keeps_ground_truth_size(synthetic_root):
     assert min(item["image"].shape[-2:]) == 64
     assert item["masks"].shape[-2:] == (item["height"], item["width"])
     batch = collate([item], 64)
-    assert batch["images"].shape[-1] % 64 == 0 and batch["targets"][0]["masks"].shape[-2:] == (item["height"], item["width"])
+    assert batch["images"].shape[-1] % 64 == 0 and batch["targets"][0]["masks"].shape[-2:] == (
+        item["height"],
+        item["width"],
+    )
 
 
 @pytest.fixture()

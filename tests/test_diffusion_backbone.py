@@ -75,7 +75,9 @@ def test_decoder_taps_stop_early_but_match_full_decode(tiny_backbone):
     feats = bb(images, torch.zeros(1, 77, bb.cross_attention_dim))
     store = {}
     resnets = [r for b in bb.vae.decoder.up_blocks for r in b.resnets]
-    hooks = [resnets[k].register_forward_pre_hook(lambda m, a, k=k: store.__setitem__(k, a[0])) for k in (2, 5)]
+    hooks = [
+        resnets[k].register_forward_pre_hook(lambda m, a, k=k: store.__setitem__(k, a[0])) for k in (2, 5)
+    ]
     with torch.no_grad():
         bb.vae.decode(bb.vae.encode(images * 2 - 1).latent_dist.mean)
     for h in hooks:
@@ -94,8 +96,14 @@ def test_feature_info_matches_shapes_and_official_strides(tiny_backbone):
         assert 256 // feats[name].shape[-2] == stride and 128 // feats[name].shape[-1] == stride
     # The official strides: UNet output blocks 2/5/8/11 at 64/32/16/8, VAE encoder 5/7 at 4/8, decoder 2/5 at 8/4.
     assert {n: s for n, (_, s) in info.items()} == {
-        "unet_up_2": 64, "unet_up_5": 32, "unet_up_8": 16, "unet_up_11": 8,
-        "vae_enc_5": 4, "vae_enc_7": 8, "vae_dec_2": 8, "vae_dec_5": 4,
+        "unet_up_2": 64,
+        "unet_up_5": 32,
+        "unet_up_8": 16,
+        "unet_up_11": 8,
+        "vae_enc_5": 4,
+        "vae_enc_7": 8,
+        "vae_dec_2": 8,
+        "vae_dec_5": 4,
     }
 
 
@@ -116,7 +124,9 @@ def test_several_timesteps_concatenate_channels():
     feats = bb(torch.rand(1, 3, 128, 128), torch.zeros(1, 77, bb.cross_attention_dim))
     single = make_backbone(timesteps=(100,), vae_decoder_block_indices=())
     one = single(torch.rand(1, 3, 128, 128), torch.zeros(1, 77, bb.cross_attention_dim))
-    assert feats["unet_up_11"].shape[1] == 2 * one["unet_up_11"].shape[1] == bb.feature_info()["unet_up_11"][0]
+    assert (
+        feats["unet_up_11"].shape[1] == 2 * one["unet_up_11"].shape[1] == bb.feature_info()["unet_up_11"][0]
+    )
     assert "vae_dec_2" not in feats
 
 

@@ -10,7 +10,11 @@ def test_strides_are_clamped_and_same_stride_features_summed():
     feats = {n: torch.randn(1, c, 128 // s, 256 // s) for n, (c, s) in info.items()}
     out = fp(feats, (128, 256))
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        "s2": (1, 16, 32, 64), "s3": (1, 16, 16, 32), "s4": (1, 16, 8, 16), "s5": (1, 16, 4, 8)}
+        "s2": (1, 16, 32, 64),
+        "s3": (1, 16, 16, 32),
+        "s4": (1, 16, 8, 16),
+        "s5": (1, 16, 4, 8),
+    }
     # s5 = block_a(nearest-upsampled a) + block_b(b); s2 = block_e(downsampled e) + block_f(f)
     up_a = torch.nn.functional.interpolate(feats["a"], size=(4, 8), mode="nearest")
     torch.testing.assert_close(out["s5"], fp.blocks["a"](up_a) + fp.blocks["b"](feats["b"]))

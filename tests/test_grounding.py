@@ -17,7 +17,9 @@ def loop_reference(z, w, scale, softmax_over):
     g = torch.zeros(b, b, dtype=torch.float64)
     for m in range(b):
         for c in range(b):
-            sim = torch.tensor([[float(z[m, i] @ w[c, kk]) for kk in range(k)] for i in range(n)], dtype=torch.float64)
+            sim = torch.tensor(
+                [[float(z[m, i] @ w[c, kk]) for kk in range(k)] for i in range(n)], dtype=torch.float64
+            )
             p = (scale * sim).softmax(0 if softmax_over == "queries" else 1)
             total = 0.0
             for kk in range(k):

@@ -9,11 +9,11 @@ from odise_pl.loss.matcher import HungarianMatcher, batch_dice_cost, batch_sigmo
 
 def brute_force(cost):
     q, n = cost.shape
-    best, best_rows = None, None
+    best = None
     for rows in itertools.permutations(range(q), n):
         c = sum(cost[r, j] for j, r in enumerate(rows))
         if best is None or c < best - 1e-12:
-            best, best_rows = c, rows
+            best = c
     return best
 
 
@@ -56,10 +56,14 @@ def test_image_alone_and_in_batch_give_same_indices():
     pred = torch.full((6, 8, 8), -10.0)
     pred[4, :4], pred[1, 4:, :4], pred[3, 4:, 4:] = 10.0, 10.0, 10.0
     matcher = HungarianMatcher(num_points=2000)
-    alone = matcher({"pred_masks": pred[None]}, [{"masks": tgt, "labels": torch.zeros(3, dtype=torch.long)}])[0]
+    alone = matcher({"pred_masks": pred[None]}, [{"masks": tgt, "labels": torch.zeros(3, dtype=torch.long)}])[
+        0
+    ]
     other = {"masks": torch.rand(2, 32, 32) > 0.5, "labels": torch.zeros(2, dtype=torch.long)}
-    batched = matcher({"pred_masks": torch.stack([torch.randn(6, 8, 8), pred])},
-                      [other, {"masks": tgt, "labels": torch.zeros(3, dtype=torch.long)}])[1]
+    batched = matcher(
+        {"pred_masks": torch.stack([torch.randn(6, 8, 8), pred])},
+        [other, {"masks": tgt, "labels": torch.zeros(3, dtype=torch.long)}],
+    )[1]
     assert alone[0].tolist() == batched[0].tolist() == [1, 3, 4]
     assert alone[1].tolist() == batched[1].tolist() == [1, 2, 0]
 

@@ -31,7 +31,10 @@ LABELLED = [
     ("A stop sign on the corner of a street.", ["stop sign", "corner", "street"]),
     ("A skateboarder doing a trick on a ramp.", ["skateboarder", "trick", "ramp"]),
     ("A group of sheep standing in a snowy field.", ["sheep", "snowy field"]),
-    ("A pizza with cheese and pepperoni on a wooden table.", ["pizza", "cheese", "pepperoni", "wooden table"]),
+    (
+        "A pizza with cheese and pepperoni on a wooden table.",
+        ["pizza", "cheese", "pepperoni", "wooden table"],
+    ),
     ("A boat floating on a lake under a cloudy sky.", ["boat", "lake", "cloudy sky"]),
     ("A child flying a kite on the beach.", ["child", "kite", "beach"]),
     ("A refrigerator filled with bottles of water.", ["refrigerator", "bottles", "water"]),
@@ -65,7 +68,9 @@ def test_cli_reads_stdin_and_prints_phrases():
     out = subprocess.run(
         [sys.executable, "-m", "odise_pl.data.nouns"],
         input="A red car parked on the street next to a fire hydrant.\n\nTwo dogs in the park.\n",
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.splitlines()
     assert out == ["red car | street | fire hydrant", "dogs | park"]
 

@@ -41,7 +41,9 @@ def test_ms_deform_attn_equals_per_point_loop():
 
 
 def test_pixel_decoder_shapes():
-    dec = MSDeformAttnPixelDecoder(in_channels=16, conv_dim=32, mask_dim=24, num_layers=2, num_heads=4, dim_feedforward=32)
+    dec = MSDeformAttnPixelDecoder(
+        in_channels=16, conv_dim=32, mask_dim=24, num_layers=2, num_heads=4, dim_feedforward=32
+    )
     feats = {f"s{i}": torch.randn(2, 16, 64 // 2 ** (i - 2), 96 // 2 ** (i - 2)) for i in range(2, 6)}
     mask_features, ms = dec(feats)
     assert mask_features.shape == (2, 24, 64, 96)

@@ -9,15 +9,30 @@ from hydra.errors import ConfigCompositionException
 
 from odise_pl.train import CONFIG_DIR, build, train
 
-FAST = ["trainer.max_steps=4", "trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=null",
-        "data.num_workers=0", "data.batch_size=2", "data.synthetic.num_train=4", "data.synthetic.num_val=2",
-        "trainer.enable_model_summary=false", "callbacks.progress.refresh_rate=0"]
+FAST = [
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=null",
+    "trainer.check_val_every_n_epoch=null",
+    "data.num_workers=0",
+    "data.batch_size=2",
+    "data.synthetic.num_train=4",
+    "data.synthetic.num_val=2",
+    "trainer.enable_model_summary=false",
+    "callbacks.progress.refresh_rate=0",
+]
 
 
-def cfg_for(tmp_path, *overrides):
+def cfg_for(tmp_path, *overrides, fast=True):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=[f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/out",
-                                           *FAST, *overrides])
+        return compose(
+            "train",
+            overrides=[
+                f"paths.root_dir={tmp_path}",
+                f"paths.output_dir={tmp_path}/out",
+                *(FAST if fast else []),
+                *overrides,
+            ],
+        )
 
 
 def test_unknown_key_fails_at_startup(tmp_path):
@@ -43,8 +58,11 @@ def test_entry_point_trains_validates_and_saves_trainable_only(tmp_path, capsys)
     assert ckpts
     state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
     keys = list(state["state_dict"])
-    assert keys and not [k for k in keys if k.startswith(("net.backbone.", "net.clip.", "net.text_encoder.",
-                                                           "net.captioner.clip."))]
+    assert keys and not [
+        k
+        for k in keys
+        if k.startswith(("net.backbone.", "net.clip.", "net.text_encoder.", "net.captioner.clip."))
+    ]
     assert any(k.startswith("net.captioner.proj") for k in keys)
     assert state["optimizer_states"] and state["lr_schedulers"]
     # resume exactly: continue from the step-4 checkpoint to step 6
@@ -89,7 +107,9 @@ def test_frozen_parts_get_no_gradient_and_stay_bit_identical(tmp_path):
     loss.backward()
     for m in module.net.frozen_modules():
         assert all(p.grad is None for p in m.parameters())
-    assert module.net.captioner.alpha.grad is not None  # the implicit captioner trains through the frozen UNet
+    assert (
+        module.net.captioner.alpha.grad is not None
+    )  # the implicit captioner trains through the frozen UNet
     opt.step()
     for m in module.net.frozen_modules():
         for n, p in m.named_parameters():

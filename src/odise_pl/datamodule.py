@@ -32,7 +32,8 @@ def collate(items: list[dict], size_divisibility: int = 64) -> dict:
     ``targets``: per image ``masks (N, H, W)`` (padded like the image when the transform resized
     both; at the original size when only the image was resized, for evaluation), ``labels``, ``isthing``,
     ``iscrowd``; ``captions``: one random caption per image (for the ``text`` captioner);
-    ``words``: (B lists of K) sampled nouns when present; ``meta``: ids, original and input sizes."""
+    ``words``: (B lists of K) sampled nouns when present; ``meta``: ids, original and input sizes.
+    """
     images, sizes = pad_to_divisible([it["image"] for it in items], size_divisibility)
     hh, ww = images.shape[-2:]
     targets = []
@@ -43,14 +44,21 @@ def collate(items: list[dict], size_divisibility: int = 64) -> dict:
             padded[:, : m.shape[-2], : m.shape[-1]] = m
             m = padded
         # else (evaluation): ground truth stays at the original resolution, predictions are resized to it
-        targets.append({"masks": m, "labels": it["labels"], "isthing": it["isthing"], "iscrowd": it["iscrowd"]})
+        targets.append(
+            {"masks": m, "labels": it["labels"], "isthing": it["isthing"], "iscrowd": it["iscrowd"]}
+        )
     batch = {
         "images": images,
         "targets": targets,
         "captions": [random.choice(it["captions"]) if it["captions"] else "" for it in items],
         "meta": [
-            {"image_id": it["image_id"], "file_name": it["file_name"], "height": it["height"], "width": it["width"],
-             "input_size": s}
+            {
+                "image_id": it["image_id"],
+                "file_name": it["file_name"],
+                "height": it["height"],
+                "width": it["width"],
+                "input_size": s,
+            }
             for it, s in zip(items, sizes)
         ],
     }
@@ -80,6 +88,7 @@ class ODISEDataModule(L.LightningDataModule):
         size_divisibility: pad inputs to a multiple of this (64 for SD).
         synthetic: if set (``{root, num_train, num_val, seed}``), write the synthetic dataset there
             when it does not exist yet (the default experiment runs out of the box).
+
     """
 
     def __init__(
@@ -107,8 +116,12 @@ class ODISEDataModule(L.LightningDataModule):
         if self.synthetic and not (Path(self.synthetic["root"]) / "annotations").is_dir():
             from odise_pl.data.synthetic import write_dataset
 
-            write_dataset(self.synthetic["root"], self.synthetic.get("num_train", 64),
-                          self.synthetic.get("num_val", 16), self.synthetic.get("seed", 0))
+            write_dataset(
+                self.synthetic["root"],
+                self.synthetic.get("num_train", 64),
+                self.synthetic.get("num_val", 16),
+                self.synthetic.get("seed", 0),
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):

@@ -20,7 +20,9 @@ from odise_pl.loss.grounding import GroundingLoss
 from odise_pl.model.odise import ODISE, to_unit
 
 
-def warmup_step_lambda(warmup_steps: int, milestones: list[int], gamma: float = 0.1, warmup_factor: float = 0.001):
+def warmup_step_lambda(
+    warmup_steps: int, milestones: list[int], gamma: float = 0.1, warmup_factor: float = 0.001
+):
     """LR multiplier: linear warm-up from ``warmup_factor`` over ``warmup_steps``, then x ``gamma`` at each milestone."""
 
     def f(step: int) -> float:
@@ -44,6 +46,7 @@ class ODISELitModule(L.LightningModule):
         optimizer: partial of a torch optimiser (AdamW lr 1e-4, wd 0.05), given trainable parameters only.
         warmup_steps, lr_milestones, lr_gamma: warm-up then step schedule (per optimiser step).
         object_mask_threshold, overlap_threshold: panoptic post-processing (0.0 / 0.8).
+
     """
 
     def __init__(
@@ -103,7 +106,9 @@ class ODISELitModule(L.LightningModule):
         losses = self.criterion(outputs, targets)
         if self.supervision == "caption":
             if "words" not in batch:
-                raise ValueError("caption supervision needs nouns per image: set data.k_words > 0 with captions on")
+                raise ValueError(
+                    "caption supervision needs nouns per image: set data.k_words > 0 with captions on"
+                )
             words = self.net.word_embeddings(batch["words"])
             scale = self.net.classifier.scale
             sets = [("", outputs)] + [(f"_{i}", a) for i, a in enumerate(outputs["aux_outputs"])]
@@ -129,14 +134,20 @@ class ODISELitModule(L.LightningModule):
         images = to_unit(batch["images"])
         outputs = self.net(images, batch.get("captions"))
         logits = self.net.classifier(outputs["mask_embed"], *self.net.text_embeddings(self.vocabulary))
-        masks = F.interpolate(outputs["pred_masks"], size=images.shape[-2:], mode="bilinear", align_corners=False)
+        masks = F.interpolate(
+            outputs["pred_masks"], size=images.shape[-2:], mode="bilinear", align_corners=False
+        )
         results = []
         for i, meta in enumerate(batch["meta"]):
             h, w = meta["input_size"]
             m = masks[i : i + 1, :, :h, :w]
-            m = F.interpolate(m, size=(meta["height"], meta["width"]), mode="bilinear", align_corners=False)[0]
+            m = F.interpolate(m, size=(meta["height"], meta["width"]), mode="bilinear", align_corners=False)[
+                0
+            ]
             results.append(
-                panoptic_inference(logits[i], m, self.isthing, self.object_mask_threshold, self.overlap_threshold)
+                panoptic_inference(
+                    logits[i], m, self.isthing, self.object_mask_threshold, self.overlap_threshold
+                )
             )
         return results
 
@@ -181,7 +192,9 @@ class ODISELitModule(L.LightningModule):
     # -- checkpoints: trainable weights only ------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         prefixes = tuple(f"net.{p}" for p in self.net.frozen_prefixes())
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         prefixes = tuple(f"net.{p}" for p in self.net.frozen_prefixes())
@@ -192,4 +205,3 @@ class ODISELitModule(L.LightningModule):
                 f"checkpoint lacks {len(missing)} trained weights of this model (e.g. {missing[:3]}); "
                 "it was written by a different model configuration"
             )
-

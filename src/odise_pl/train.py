@@ -26,17 +26,21 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
 
 def build(cfg: DictConfig):
     """(datamodule, module, trainer) from a composed config. Everything is built before any
-    training starts, so a bad key or value fails at start-up."""
+    training starts, so a bad key or value fails at start-up.
+    """
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.model)
     trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=instantiate_dict(cfg.get("logger")) or False
+        cfg.trainer,
+        callbacks=instantiate_dict(cfg.get("callbacks")),
+        logger=instantiate_dict(cfg.get("logger")) or False,
     )
     return datamodule, module, trainer
 
 
 def format_metrics(metrics: dict) -> str:
+    """``val/pq=43.19  val/rq=...`` from a metrics dict."""
     keys = sorted(k for k in metrics if k.startswith("val/"))
     return "  ".join(f"{k}={float(metrics[k]):.2f}" for k in keys)
 
@@ -60,6 +64,7 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns val/pq (for Hydra sweepers)."""
     metrics = train(cfg)
     return float(metrics.get("val/pq", 0.0))
 

@@ -77,7 +77,12 @@ TINY_UNET = dict(
 )
 TINY_VAE = dict(SD_V1_VAE, block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=64)
 TINY_TEXT = dict(
-    SD_V1_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32
+    SD_V1_TEXT,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    projection_dim=32,
 )
 
 DEFAULT_SD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -183,6 +188,7 @@ def load_open_clip(
         mode: see module docstring.
         name: open_clip architecture name (``open_clip.list_models()``).
         pretrained: a pretrained tag (``open_clip.list_pretrained()``) or a path to a local weights file.
+
     """
     import open_clip
 

@@ -7,7 +7,7 @@ from torch import Tensor
 
 
 def semantic_inference(logits: Tensor, masks: Tensor) -> Tensor:
-    """logits (Q, K + 1), mask logits (Q, H, W) -> per-pixel class scores (K, H, W)."""
+    """Logits (Q, K + 1), mask logits (Q, H, W) -> per-pixel class scores (K, H, W)."""
     return torch.einsum("qk,qhw->khw", logits.softmax(-1)[:, :-1], masks.sigmoid())
 
 

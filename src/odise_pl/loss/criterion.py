@@ -1,5 +1,6 @@
 """Set criterion: category cross-entropy (Eq. 5) and class-agnostic point-sampled BCE + dice mask
-losses, over the final and every auxiliary prediction set (deep supervision)."""
+losses, over the final and every auxiliary prediction set (deep supervision).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def sigmoid_ce_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor
 
 
 def dice_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
-    """inputs (M, P) logits, targets (M, P) -> sum of (1 - soft dice) / num_masks."""
+    """Inputs (M, P) logits, targets (M, P) -> sum of (1 - soft dice) / num_masks."""
     s = inputs.sigmoid()
     num = 2 * (s * targets).sum(-1)
     den = s.sum(-1) + targets.sum(-1)
@@ -46,6 +47,7 @@ class SetCriterion(nn.Module):
         class_weight, mask_weight, dice_weight: 2.0 / 5.0 / 5.0.
         no_object_weight: CE weight of the no-object class (0.1).
         num_points, oversample_ratio, importance_ratio: 12544 / 3.0 / 0.75.
+
     """
 
     def __init__(
@@ -64,7 +66,11 @@ class SetCriterion(nn.Module):
         self.matcher = matcher
         self.weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
         self.no_object_weight = no_object_weight
-        self.num_points, self.oversample_ratio, self.importance_ratio = num_points, oversample_ratio, importance_ratio
+        self.num_points, self.oversample_ratio, self.importance_ratio = (
+            num_points,
+            oversample_ratio,
+            importance_ratio,
+        )
 
     def loss_labels(self, outputs: dict, targets: list[dict], indices) -> Tensor:
         logits = outputs["pred_logits"].float()  # (B, Q, K + 1)
@@ -76,7 +82,9 @@ class SetCriterion(nn.Module):
         weight[-1] = self.no_object_weight
         return F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
 
-    def loss_masks(self, outputs: dict, targets: list[dict], indices, num_masks: float) -> tuple[Tensor, Tensor]:
+    def loss_masks(
+        self, outputs: dict, targets: list[dict], indices, num_masks: float
+    ) -> tuple[Tensor, Tensor]:
         pred = outputs["pred_masks"]
         src = torch.cat([pred[i, s] for i, (s, _) in enumerate(indices)])  # (M, h, w)
         if src.shape[0] == 0:
@@ -85,7 +93,9 @@ class SetCriterion(nn.Module):
         tgt = torch.cat([t["masks"][j] for t, (_, j) in zip(targets, indices)]).to(src.dtype)  # (M, H, W)
         src, tgt = src[:, None].float(), tgt[:, None].float()
         with torch.no_grad():
-            coords = uncertain_point_coords(src, self.num_points, self.oversample_ratio, self.importance_ratio)
+            coords = uncertain_point_coords(
+                src, self.num_points, self.oversample_ratio, self.importance_ratio
+            )
             labels = point_sample(tgt, coords)[:, 0]
         logits = point_sample(src, coords)[:, 0]
         return sigmoid_ce_loss(logits, labels, num_masks), dice_loss(logits, labels, num_masks)

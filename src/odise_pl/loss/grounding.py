@@ -18,7 +18,9 @@ def gather_with_local_grad(x: Tensor) -> Tensor:
     return torch.cat(parts, 0)
 
 
-def grounding_similarity(mask_embed: Tensor, word_embed: Tensor, scale: Tensor, softmax_over: str = "queries") -> Tensor:
+def grounding_similarity(
+    mask_embed: Tensor, word_embed: Tensor, scale: Tensor, softmax_over: str = "queries"
+) -> Tensor:
     """Eq. 7 for every (image m, caption n) pair.
 
     mask_embed (Bi, N, D), word_embed (Bt, K, D) (both L2-normalised here) -> g (Bi, Bt).
@@ -49,6 +51,7 @@ class GroundingLoss(nn.Module):
         weight: loss weight.
         softmax_over: see :func:`grounding_similarity` (default ``queries``, PARITY with the official code;
             DIVERGES from the literal Eq. 7, whose softmax runs over words).
+
     """
 
     def __init__(self, *, weight: float = 1.0, softmax_over: str = "queries"):

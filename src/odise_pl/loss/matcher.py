@@ -44,9 +44,21 @@ class HungarianMatcher(nn.Module):
     targets padded to the largest N; scipy solves each image.
     """
 
-    def __init__(self, *, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0, num_points: int = 12544):
+    def __init__(
+        self,
+        *,
+        cost_class: float = 2.0,
+        cost_mask: float = 5.0,
+        cost_dice: float = 5.0,
+        num_points: int = 12544,
+    ):
         super().__init__()
-        self.cost_class, self.cost_mask, self.cost_dice, self.num_points = cost_class, cost_mask, cost_dice, num_points
+        self.cost_class, self.cost_mask, self.cost_dice, self.num_points = (
+            cost_class,
+            cost_mask,
+            cost_dice,
+            num_points,
+        )
 
     @torch.no_grad()
     def cost_matrices(self, outputs: dict, targets: list[dict]) -> Tensor:
@@ -62,7 +74,9 @@ class HungarianMatcher(nn.Module):
         coords = torch.rand(b, self.num_points, 2, device=pred.device)
         pred_pts = point_sample(pred.float(), coords.float())  # (B, Q, P)
         tgt_pts = point_sample(tgt.float(), coords.float())  # (B, N, P)
-        cost = self.cost_mask * batch_sigmoid_ce_cost(pred_pts, tgt_pts) + self.cost_dice * batch_dice_cost(pred_pts, tgt_pts)
+        cost = self.cost_mask * batch_sigmoid_ce_cost(pred_pts, tgt_pts) + self.cost_dice * batch_dice_cost(
+            pred_pts, tgt_pts
+        )
         if "pred_logits" in outputs and self.cost_class:
             prob = outputs["pred_logits"].float().softmax(-1)
             labels = pred.new_zeros(b, n_max, dtype=torch.long)
@@ -82,5 +96,7 @@ class HungarianMatcher(nn.Module):
                 result.append((empty, empty))
                 continue
             rows, cols = linear_sum_assignment(cost[i, :, :n])
-            result.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(np.asarray(cols), dtype=torch.long)))
+            result.append(
+                (torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(np.asarray(cols), dtype=torch.long))
+            )
         return result

@@ -8,8 +8,10 @@ from torch import Tensor
 
 
 def point_sample(inputs: Tensor, coords: Tensor) -> Tensor:
-    """inputs (N, C, H, W), coords (N, P, 2) in [0, 1] as (x, y) -> (N, C, P), bilinear, align_corners=False."""
-    return F.grid_sample(inputs, 2.0 * coords[:, :, None, :] - 1.0, mode="bilinear", align_corners=False)[..., 0]
+    """Inputs (N, C, H, W), coords (N, P, 2) in [0, 1] as (x, y) -> (N, C, P), bilinear, align_corners=False."""
+    return F.grid_sample(inputs, 2.0 * coords[:, :, None, :] - 1.0, mode="bilinear", align_corners=False)[
+        ..., 0
+    ]
 
 
 def uncertain_point_coords(

@@ -22,7 +22,9 @@ from odise_pl.model.text_encoder import SDTextEncoder
 class EmptyCaptioner(nn.Module):
     """Every image gets the embedding of the empty string (Table 4 row a). Nothing is trained."""
 
-    def __init__(self, *, text_encoder: SDTextEncoder, clip: FrozenCLIP | None = None, time_embed_dim: int = 0):
+    def __init__(
+        self, *, text_encoder: SDTextEncoder, clip: FrozenCLIP | None = None, time_embed_dim: int = 0
+    ):
         super().__init__()
         # A buffer, not a parameter: derived from frozen weights, recomputed at start-up, never saved.
         self.register_buffer("empty", text_encoder([""]), persistent=False)
@@ -34,7 +36,9 @@ class EmptyCaptioner(nn.Module):
 class TextCaptioner(nn.Module):
     """A given caption per image (dataset captions, heuristic ones, BLIP outputs) through SD's text encoder."""
 
-    def __init__(self, *, text_encoder: SDTextEncoder, clip: FrozenCLIP | None = None, time_embed_dim: int = 0):
+    def __init__(
+        self, *, text_encoder: SDTextEncoder, clip: FrozenCLIP | None = None, time_embed_dim: int = 0
+    ):
         super().__init__()
         self.text_encoder = text_encoder
 
@@ -61,6 +65,7 @@ class ImplicitCaptioner(nn.Module):
         text_encoder: SD's frozen text encoder (for the empty-caption embedding).
         clip: frozen CLIP whose image tower embeds the image.
         time_embed_dim: the UNet's time-embedding width (1280 for SD v1); 0 disables the offset.
+
     """
 
     def __init__(self, *, text_encoder: SDTextEncoder, clip: FrozenCLIP, time_embed_dim: int = 0):

@@ -1,5 +1,6 @@
 """Frozen CLIP (open_clip): image embeddings for the implicit captioner, text embeddings of
-category names / nouns for mask classification, and dense image features for the CLIP opinion."""
+category names / nouns for mask classification, and dense image features for the CLIP opinion.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class FrozenCLIP(nn.Module):
         model: an open_clip model (``odise_pl.weights.load_open_clip``).
         tokenizer: open_clip tokenizer name (``open_clip.get_tokenizer``); ``None`` is CLIP's BPE,
             which ships inside open_clip, so tokenising never needs the network.
+
     """
 
     def __init__(self, *, model: nn.Module, tokenizer: str | None = None, mean=OPENAI_MEAN, std=OPENAI_STD):
@@ -26,7 +28,9 @@ class FrozenCLIP(nn.Module):
 
         self.model = model
         self.model.eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer(tokenizer) if tokenizer else open_clip.tokenizer.SimpleTokenizer()
+        self.tokenizer = (
+            open_clip.get_tokenizer(tokenizer) if tokenizer else open_clip.tokenizer.SimpleTokenizer()
+        )
         size = model.visual.image_size
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -45,7 +49,9 @@ class FrozenCLIP(nn.Module):
 
         Resized as a whole (no centre crop): a crop could cut off the objects the caption should name.
         """
-        x = F.interpolate(images.float(), size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
+        x = F.interpolate(
+            images.float(), size=self.image_size, mode="bicubic", align_corners=False, antialias=True
+        )
         return (x.clamp(0, 1) - self.mean) / self.std
 
     @torch.no_grad()

@@ -29,6 +29,7 @@ class DiffusionBackbone(nn.Module):
         timesteps: diffusion steps t; several run the UNet once each and concatenate the UNet
             features along channels (supplement's multi-step ablation). Default (0,).
         noise_seed: seed of the one noise tensor shared by all images (official: fixed at start-up).
+
     """
 
     def __init__(
@@ -62,10 +63,16 @@ class DiffusionBackbone(nn.Module):
             "unet_up", unet_block_indices, [r for b in unet.up_blocks for r in b.resnets], "UNet output"
         )
         self._enc_taps = self._resolve(
-            "vae_enc", vae_encoder_block_indices, [r for b in vae.encoder.down_blocks for r in b.resnets], "VAE encoder"
+            "vae_enc",
+            vae_encoder_block_indices,
+            [r for b in vae.encoder.down_blocks for r in b.resnets],
+            "VAE encoder",
         )
         self._dec_taps = self._resolve(
-            "vae_dec", vae_decoder_block_indices, [r for b in vae.decoder.up_blocks for r in b.resnets], "VAE decoder"
+            "vae_dec",
+            vae_decoder_block_indices,
+            [r for b in vae.decoder.up_blocks for r in b.resnets],
+            "VAE decoder",
         )
         self._store: dict[str, Tensor] = {}
         self._time_offset: Tensor | None = None
@@ -77,7 +84,9 @@ class DiffusionBackbone(nn.Module):
 
     # -- construction helpers ---------------------------------------------------------------
     @staticmethod
-    def _resolve(prefix: str, indices: Sequence[int], modules: list[nn.Module], what: str) -> dict[str, nn.Module]:
+    def _resolve(
+        prefix: str, indices: Sequence[int], modules: list[nn.Module], what: str
+    ) -> dict[str, nn.Module]:
         out = {}
         for k in indices:
             if not 0 <= k < len(modules):
@@ -119,13 +128,16 @@ class DiffusionBackbone(nn.Module):
         return int(self.unet.config.cross_attention_dim)
 
     def feature_info(self) -> dict[str, tuple[int, int]]:
-        """name -> (channels, stride w.r.t. the input image), without running the model."""
+        """Name -> (channels, stride w.r.t. the input image), without running the model."""
         info = {}
         n_up = len(self.unet.up_blocks)
         per_up = len(self.unet.up_blocks[0].resnets)
         for name, m in self._unet_taps.items():
             k = int(name.rsplit("_", 1)[1])
-            info[name] = (m.in_channels * len(self.timesteps), self.vae_stride * 2 ** (n_up - 1 - k // per_up))
+            info[name] = (
+                m.in_channels * len(self.timesteps),
+                self.vae_stride * 2 ** (n_up - 1 - k // per_up),
+            )
         per_down = len(self.vae.encoder.down_blocks[0].resnets)
         for name, m in self._enc_taps.items():
             k = int(name.rsplit("_", 1)[1])
@@ -147,7 +159,7 @@ class DiffusionBackbone(nn.Module):
         return self._noise_cache[key].to(device=device, dtype=dtype)
 
     def encode(self, images: Tensor) -> Tensor:
-        """images (B, 3, H, W) in [0, 1] -> scaled latents (B, 4, H/8, W/8); fires the VAE taps."""
+        """Images (B, 3, H, W) in [0, 1] -> scaled latents (B, 4, H/8, W/8); fires the VAE taps."""
         with torch.no_grad():
             posterior = self.vae.encode(images * 2 - 1).latent_dist
             z = posterior.mean  # PARITY: deterministic posterior mean, not a sample
@@ -188,7 +200,9 @@ class DiffusionBackbone(nn.Module):
         """See class docstring. Gradients flow to ``cond`` / ``time_offset`` only."""
         div = self.size_divisibility
         if images.shape[-1] % div or images.shape[-2] % div:
-            raise ValueError(f"backbone input {tuple(images.shape[-2:])} must be a multiple of {div}; pad first")
+            raise ValueError(
+                f"backbone input {tuple(images.shape[-2:])} must be a multiple of {div}; pad first"
+            )
         self._store = {}
         latents = self.encode(images)
         feats = {name: self._store[name] for name in (*self._enc_taps, *self._dec_taps)}
@@ -202,7 +216,9 @@ class DiffusionBackbone(nn.Module):
             try:
                 for t in self.timesteps:
                     tt = torch.full((images.shape[0],), t, device=images.device, dtype=torch.long)
-                    self.unet(self.noisy_latents(latents, t), tt, encoder_hidden_states=cond.to(latents.dtype))
+                    self.unet(
+                        self.noisy_latents(latents, t), tt, encoder_hidden_states=cond.to(latents.dtype)
+                    )
                     for name in self._unet_taps:
                         unet_feats[name].append(self._store[name])
             finally:

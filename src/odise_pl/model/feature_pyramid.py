@@ -51,6 +51,7 @@ class FeaturePyramid(nn.Module):
         out_channels: pyramid width (512 in the official code).
         bottleneck_ratio: bottleneck width = out_channels // ratio (4: ResNet's).
         gradient_checkpointing: recompute this part in backward to save activation memory (official: on).
+
     """
 
     def __init__(
@@ -72,7 +73,10 @@ class FeaturePyramid(nn.Module):
                 "tap a finer or coarser block, e.g. enable the VAE taps for stride 4"
             )
         self.blocks = nn.ModuleDict(
-            {n: Bottleneck(c, out_channels, max(out_channels // bottleneck_ratio, 1)) for n, (c, _) in feature_info.items()}
+            {
+                n: Bottleneck(c, out_channels, max(out_channels // bottleneck_ratio, 1))
+                for n, (c, _) in feature_info.items()
+            }
         )
 
     @property

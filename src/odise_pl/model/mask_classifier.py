@@ -19,9 +19,12 @@ class MaskClassifier(nn.Module):
     Args:
         embed_dim: D, the CLIP embedding width.
         max_scale: clamp of the scale.
+
     """
 
-    def __init__(self, *, embed_dim: int, init_logit_scale: float = math.log(1 / 0.07), max_scale: float = 100.0):
+    def __init__(
+        self, *, embed_dim: int, init_logit_scale: float = math.log(1 / 0.07), max_scale: float = 100.0
+    ):
         super().__init__()
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.null_embed = nn.Parameter(torch.randn(embed_dim) * embed_dim**-0.5)

@@ -32,6 +32,7 @@ class ODISE(nn.Module):
         slide_stride: window step (multiple of 64); default = ``backbone_size`` (no overlap when
             the size divides; the last window is aligned to the border and overlaps are averaged).
         prompt_templates: prompts for category names ("a photo of a {}.").
+
     """
 
     def __init__(
@@ -53,7 +54,9 @@ class ODISE(nn.Module):
         self.backbone = backbone
         self.text_encoder = text_encoder
         self.clip = clip
-        self.captioner = captioner(text_encoder=text_encoder, clip=clip, time_embed_dim=backbone.time_embed_dim)
+        self.captioner = captioner(
+            text_encoder=text_encoder, clip=clip, time_embed_dim=backbone.time_embed_dim
+        )
         self.pyramid = pyramid(feature_info=backbone.feature_info())
         self.pixel_decoder = pixel_decoder
         self.transformer_decoder = transformer_decoder
@@ -76,7 +79,9 @@ class ODISE(nn.Module):
 
     def frozen_prefixes(self) -> tuple[str, ...]:
         prefixes = ["backbone.", "text_encoder.", "clip."]
-        prefixes += [f"captioner.{n}." for n, m in self.captioner.named_children() if m in self.frozen_modules()]
+        prefixes += [
+            f"captioner.{n}." for n, m in self.captioner.named_children() if m in self.frozen_modules()
+        ]
         return tuple(prefixes)
 
     # -- features ----------------------------------------------------------------------------
@@ -89,7 +94,7 @@ class ODISE(nn.Module):
         return starts
 
     def extract_features(self, images: Tensor, captions: list[str] | None = None) -> dict[str, Tensor]:
-        """images (B, 3, H, W) in [0, 1] -> backbone features averaged over sliding windows."""
+        """Images (B, 3, H, W) in [0, 1] -> backbone features averaged over sliding windows."""
         h, w = images.shape[-2:]
         ys, xs = self._window_starts(h), self._window_starts(w)
         if len(ys) == 1 and len(xs) == 1:
@@ -115,7 +120,9 @@ class ODISE(nn.Module):
     def forward(self, images: Tensor, captions: list[str] | None = None) -> dict:
         div = self.size_divisibility
         if images.shape[-2] % div or images.shape[-1] % div:
-            raise ValueError(f"input size {tuple(images.shape[-2:])} must be a multiple of {div}; pad it first")
+            raise ValueError(
+                f"input size {tuple(images.shape[-2:])} must be a multiple of {div}; pad it first"
+            )
         feats = self.extract_features(images, captions)
         pyramid = self.pyramid(feats, tuple(images.shape[-2:]))
         mask_features, multi_scale = self.pixel_decoder(pyramid)

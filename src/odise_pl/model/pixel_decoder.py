@@ -16,7 +16,9 @@ from torch import Tensor, nn
 from odise_pl.model.position_encoding import PositionEmbeddingSine
 
 
-def ms_deform_attn(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
+def ms_deform_attn(
+    value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor
+) -> Tensor:
     """Multi-scale deformable attention core.
 
     value: (B, S, M, Dh) with S = sum(h_l * w_l); locations: (B, Lq, M, L, P, 2) in [0, 1] (x, y);
@@ -68,21 +70,27 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
-    def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+    def forward(
+        self, query: Tensor, reference_points: Tensor, value: Tensor, shapes: list[tuple[int, int]]
+    ) -> Tensor:
         b, lq, _ = query.shape
         m, n_l, n_p = self.n_heads, self.n_levels, self.n_points
         v = self.value_proj(value).view(b, value.shape[1], m, self.d_model // m)
         offsets = self.sampling_offsets(query).view(b, lq, m, n_l, n_p, 2)
         weights = self.attention_weights(query).view(b, lq, m, n_l * n_p).softmax(-1).view(b, lq, m, n_l, n_p)
         normaliser = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
-        locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
+        locations = (
+            reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
+        )
         return self.output_proj(ms_deform_attn(v, shapes, locations, weights))
 
 
 class DeformEncoderLayer(nn.Module):
     """Post-norm deformable self-attention + FFN over the flattened multi-scale tokens."""
 
-    def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int, dim_feedforward: int, dropout: float):
+    def __init__(
+        self, d_model: int, n_levels: int, n_heads: int, n_points: int, dim_feedforward: int, dropout: float
+    ):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.norm1 = nn.LayerNorm(d_model)
@@ -91,7 +99,9 @@ class DeformEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+    def forward(
+        self, src: Tensor, pos: Tensor, reference_points: Tensor, shapes: list[tuple[int, int]]
+    ) -> Tensor:
         src = self.norm1(src + self.dropout(self.self_attn(src + pos, reference_points, src, shapes)))
         return self.norm2(src + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(src))))))
 
@@ -105,6 +115,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         in_channels: pyramid width (512).
         conv_dim, mask_dim: 256 / 256 (Mask2Former).
         num_layers, num_heads, num_points, dim_feedforward, dropout: encoder (6, 8, 4, 1024, 0.0).
+
     """
 
     def __init__(
@@ -132,11 +143,17 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.level_embed = nn.Parameter(torch.randn(n, conv_dim) * 0.02)
         self.pe = PositionEmbeddingSine(conv_dim // 2)
         self.layers = nn.ModuleList(
-            [DeformEncoderLayer(conv_dim, n, num_heads, num_points, dim_feedforward, dropout) for _ in range(num_layers)]
+            [
+                DeformEncoderLayer(conv_dim, n, num_heads, num_points, dim_feedforward, dropout)
+                for _ in range(num_layers)
+            ]
         )
-        self.lateral = nn.Sequential(nn.Conv2d(in_channels, conv_dim, 1, bias=False), nn.GroupNorm(gn, conv_dim))
-        self.output = nn.Sequential(nn.Conv2d(conv_dim, conv_dim, 3, padding=1, bias=False), nn.GroupNorm(gn, conv_dim),
-                                    nn.ReLU())
+        self.lateral = nn.Sequential(
+            nn.Conv2d(in_channels, conv_dim, 1, bias=False), nn.GroupNorm(gn, conv_dim)
+        )
+        self.output = nn.Sequential(
+            nn.Conv2d(conv_dim, conv_dim, 3, padding=1, bias=False), nn.GroupNorm(gn, conv_dim), nn.ReLU()
+        )
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, 1)
         for conv in (self.lateral[0], self.output[0], self.mask_features):
             nn.init.kaiming_uniform_(conv.weight, a=1)
@@ -174,5 +191,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         ]
         # FPN step to stride 4 from the finest transformer level.
         lat = self.lateral(features["s2"])
-        y = self.output(lat + F.interpolate(multi_scale[-1], size=lat.shape[-2:], mode="bilinear", align_corners=False))
+        y = self.output(
+            lat + F.interpolate(multi_scale[-1], size=lat.shape[-2:], mode="bilinear", align_corners=False)
+        )
         return self.mask_features(y), multi_scale

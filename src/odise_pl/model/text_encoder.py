@@ -18,6 +18,7 @@ class SDTextEncoder(nn.Module):
     ``tokenizer/`` folder: it is the same vocabulary and merges, and needs no extra files. SD v1's
     tokenizer pads with end-of-text rather than 0, and the UNet sees every one of the 77 positions,
     so padding is rewritten to match.
+
     """
 
     def __init__(self, *, model: nn.Module):
@@ -38,7 +39,7 @@ class SDTextEncoder(nn.Module):
         return int(self.model.config.hidden_size)
 
     def tokenize(self, texts: list[str]) -> Tensor:
-        """texts -> (N, L) token ids, padded with end-of-text as SD v1's tokenizer does."""
+        """Texts -> (N, L) token ids, padded with end-of-text as SD v1's tokenizer does."""
         tokens = self._tokenizer(list(texts))
         after_eot = (tokens == EOT).int().cumsum(dim=1) > 0
         first_eot = after_eot & ((tokens == EOT).int().cumsum(dim=1) == 1) & (tokens == EOT)

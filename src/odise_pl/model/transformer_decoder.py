@@ -37,7 +37,9 @@ class _Attention(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, query: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, query: Tensor, attn_mask: Tensor | None = None
+    ) -> Tensor:
         out = self.attn(q, k, v, attn_mask=attn_mask, need_weights=False)[0]
         return self.norm(query + self.dropout(out))
 
@@ -97,7 +99,8 @@ class MaskedTransformerDecoder(nn.Module):
         self.pe = PositionEmbeddingSine(hidden_dim // 2)
         self.level_embed = nn.Embedding(num_levels, hidden_dim)
         self.input_proj = nn.ModuleList(
-            nn.Conv2d(in_channels, hidden_dim, 1) if in_channels != hidden_dim else nn.Identity() for _ in range(num_levels)
+            nn.Conv2d(in_channels, hidden_dim, 1) if in_channels != hidden_dim else nn.Identity()
+            for _ in range(num_levels)
         )
         self.query_feat = nn.Embedding(num_queries, hidden_dim)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
@@ -126,7 +129,9 @@ class MaskedTransformerDecoder(nn.Module):
             x = multi_scale[i]
             sizes.append(tuple(x.shape[-2:]))
             pos.append(self.pe(x).flatten(2).transpose(1, 2))
-            srcs.append((self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][None, :, None]).transpose(1, 2))
+            srcs.append(
+                (self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][None, :, None]).transpose(1, 2)
+            )
         b = mask_features.shape[0]
         query_pos = self.query_embed.weight[None].expand(b, -1, -1)
         output = self.query_feat.weight[None].expand(b, -1, -1)
@@ -137,7 +142,9 @@ class MaskedTransformerDecoder(nn.Module):
             lvl = i % self.num_levels
             # A query whose mask is empty everywhere attends to everything (else softmax over nothing).
             attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
-            output = self.cross_attn[i](output + query_pos, srcs[lvl] + pos[lvl], srcs[lvl], output, attn_mask)
+            output = self.cross_attn[i](
+                output + query_pos, srcs[lvl] + pos[lvl], srcs[lvl], output, attn_mask
+            )
             output = self.self_attn[i](output + query_pos, output + query_pos, output, output)
             output = self.ffn[i](output)
             masks, embed, attn_mask = self._predict(output, mask_features, sizes[(i + 1) % self.num_levels])

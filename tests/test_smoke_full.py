@@ -1,0 +1,34 @@
+"""Full-size smoke run (``make smoke-full``): caption_512 with random weights on synthetic data."""
+
+import pytest
+
+from odise_pl.weights import count_parameters
+
+pytestmark = pytest.mark.slow
+
+PAPER_TRAINABLE = 28.1e6
+
+
+def test_caption_512_two_steps_random_weights(tmp_path):
+    from test_train import cfg_for
+
+    from odise_pl.train import build
+
+    cfg = cfg_for(
+        tmp_path,
+        "experiment=caption_512",
+        "weights.mode=random",
+        "trainer.max_steps=2",
+        "data.batch_size=1",
+        "data.num_workers=0",
+        f"data.synthetic={{root: {tmp_path}/syn, num_train: 2, num_val: 1, seed: 0}}",
+        f"data.train_dataset.root={tmp_path}/syn",
+        "trainer.enable_model_summary=true",
+        fast=False,
+    )
+    datamodule, module, trainer = build(cfg)
+    trainable = count_parameters(module, trainable=True)
+    print(f"trainable parameters: {trainable / 1e6:.2f}M (paper: 28.1M)")
+    assert abs(trainable - PAPER_TRAINABLE) / PAPER_TRAINABLE < 0.10
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 2
