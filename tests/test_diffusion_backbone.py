@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from conftest import make_backbone
 from odise_pl import weights as W
+
+from conftest import make_backbone
 
 
 def manual_unet_taps(unet, x, t, cond):

@@ -11,6 +11,7 @@ PAPER_TRAINABLE = 28.1e6
 
 def test_caption_512_two_steps_random_weights(tmp_path):
     from odise_pl.train import build
+
     from test_train import cfg_for
 
     cfg = cfg_for(
