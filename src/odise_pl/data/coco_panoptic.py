@@ -1,0 +1,202 @@
+"""Reader of the COCO panoptic layout (also what the ADE20K / other preparation scripts write).
+
+Layout (defaults; every path can be overridden)::
+
+    ROOT/{split}2017/*.jpg                          images
+    ROOT/annotations/panoptic_{split}2017.json      images, annotations (segments_info), categories
+    ROOT/annotations/panoptic_{split}2017/*.png     id = R + 256 G + 256^2 B, 0 = VOID
+    ROOT/annotations/captions_{split}2017.json      optional: COCO captions
+
+One item (before transforms)::
+
+    image:    (3, H, W) uint8
+    masks:    (N, H, W) bool     one per segment in segments_info
+    labels:   (N,) int64         contiguous category index (categories sorted by id)
+    isthing:  (N,) bool
+    iscrowd:  (N,) bool
+    captions: list[str]          all captions of the image ([] when captions are off)
+    image_id, file_name, height, width
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+
+class DatasetError(RuntimeError):
+    """Bad or missing data; the message names the file and the fix."""
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, EXIF orientation applied; a clear error for a missing or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"image not found: {path} (check the dataset root / the image folder in the config)")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits, don't clip
+                arr = np.asarray(im, dtype=np.float64)
+                im = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DatasetError(
+            f"cannot decode image {path}: {err}. The file is corrupt or not an image; re-download it or "
+            "remove its entry from the annotation JSON"
+        ) from err
+
+
+def rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) int64 ids, id = R + 256 G + 256^2 B."""
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+def _read_json(path: Path, what: str, fix: str) -> dict:
+    if not path.is_file():
+        raise DatasetError(f"{what} not found: {path}. {fix}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{what} {path} is not valid JSON ({err}); re-download or regenerate it") from err
+
+
+class COCOPanopticDataset(Dataset):
+    """COCO-panoptic-format dataset (see module docstring).
+
+    Args:
+        root: dataset root.
+        split: ``train`` / ``val``; fills the default paths.
+        captions: also read ``captions_{split}2017.json`` (needed for caption supervision and the
+            ``text`` captioner).
+        transform: callable on an item dict (e.g. :class:`~odise_pl.data.transforms.LSJ`).
+        image_dir, panoptic_json, panoptic_dir, captions_json: override the default paths
+            (relative to ``root`` or absolute).
+        max_items: only the first N images (debugging, tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str,
+        split: str = "train",
+        captions: bool = True,
+        transform=None,
+        image_dir: str | None = None,
+        panoptic_json: str | None = None,
+        panoptic_dir: str | None = None,
+        captions_json: str | None = None,
+        max_items: int | None = None,
+    ):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(
+                f"dataset root not found: {self.root}. Point `data.root` at a COCO-panoptic-format folder, or write "
+                f"the synthetic one with `python -m odise_pl.data.synthetic --out {self.root}`"
+            )
+        self.image_dir = self.root / (image_dir or f"{split}2017")
+        self.panoptic_dir = self.root / (panoptic_dir or f"annotations/panoptic_{split}2017")
+        pan_json = self.root / (panoptic_json or f"annotations/panoptic_{split}2017.json")
+        data = _read_json(
+            pan_json,
+            "panoptic annotation file",
+            "Download panoptic_annotations_trainval2017 from cocodataset.org and unzip it under <root>/annotations "
+            "(or run the preparation script in scripts/ for other datasets)",
+        )
+        for key in ("images", "annotations", "categories"):
+            if key not in data:
+                raise DatasetError(f"{pan_json} has no '{key}' list: not a COCO panoptic annotation file")
+        self.categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.cat_to_contiguous = {c["id"]: i for i, c in enumerate(self.categories)}
+        self.class_names = [c["name"] for c in self.categories]
+        self.isthing = [bool(c.get("isthing", 1)) for c in self.categories]
+        images = {im["id"]: im for im in data["images"]}
+        self.items = []
+        for ann in data["annotations"]:
+            if ann["image_id"] not in images:
+                raise DatasetError(f"{pan_json}: annotation {ann['file_name']} names image_id {ann['image_id']}, "
+                                   "which is not in its 'images' list")
+            self.items.append((images[ann["image_id"]], ann))
+        self.items.sort(key=lambda it: it[0]["id"])
+        if max_items is not None:
+            self.items = self.items[:max_items]
+        self.panoptic_json = pan_json
+
+        self.captions: dict[int, list[str]] = {}
+        self.captions_json = self.root / (captions_json or f"annotations/captions_{split}2017.json")
+        if captions:
+            cap = _read_json(
+                self.captions_json,
+                "captions file",
+                "Download annotations_trainval2017 (captions_*.json) from cocodataset.org into <root>/annotations, "
+                "point `data.captions_json` at it, or turn captions off with `data.captions=false` "
+                "(label supervision with the implicit or empty captioner needs none)",
+            )
+            for a in cap.get("annotations", []):
+                self.captions.setdefault(a["image_id"], []).append(a["caption"])
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def read_panoptic(self, index: int) -> tuple[np.ndarray, list[dict]]:
+        """(H, W) int64 segment ids of item ``index`` and its checked segments_info."""
+        info, ann = self.items[index]
+        png = self.panoptic_dir / ann["file_name"]
+        if not png.is_file():
+            raise DatasetError(f"panoptic PNG not found: {png} (listed in {self.panoptic_json})")
+        try:
+            with Image.open(png) as im:
+                ids = rgb_to_ids(np.asarray(im.convert("RGB")))
+        except (UnidentifiedImageError, OSError) as err:
+            raise DatasetError(f"cannot decode panoptic PNG {png}: {err}; re-download or regenerate it") from err
+        segments = ann["segments_info"]
+        known = {s["id"] for s in segments}
+        present = set(np.unique(ids).tolist()) - {0}
+        unknown = sorted(present - known)
+        if unknown:
+            raise DatasetError(
+                f"panoptic PNG {png} contains segment ids {unknown[:10]} that are not in the segments_info of "
+                f"{ann['file_name']} in {self.panoptic_json}; the PNG and the JSON do not belong together"
+            )
+        bad_cat = [s["category_id"] for s in segments if s["category_id"] not in self.cat_to_contiguous]
+        if bad_cat:
+            raise DatasetError(
+                f"{self.panoptic_json}: {ann['file_name']} uses category ids {bad_cat} missing from 'categories'"
+            )
+        return ids, segments
+
+    def __getitem__(self, index: int) -> dict:
+        info, ann = self.items[index]
+        image = load_image(self.image_dir / info["file_name"])
+        ids, segments = self.read_panoptic(index)
+        if ids.shape != image.shape[:2]:
+            raise DatasetError(
+                f"size mismatch: image {self.image_dir / info['file_name']} is {image.shape[:2]} but its panoptic PNG "
+                f"{self.panoptic_dir / ann['file_name']} is {ids.shape}"
+            )
+        # Segments listed in the JSON but absent from the PNG have empty masks; they are dropped.
+        masks = [ids == s["id"] for s in segments]
+        keep = [i for i, m in enumerate(masks) if m.any()]
+        h, w = ids.shape
+        item = {
+            "image": torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1),
+            "masks": torch.from_numpy(np.stack([masks[i] for i in keep])) if keep else torch.zeros(0, h, w, dtype=torch.bool),
+            "labels": torch.tensor([self.cat_to_contiguous[segments[i]["category_id"]] for i in keep], dtype=torch.long),
+            "isthing": torch.tensor([self.isthing[self.cat_to_contiguous[segments[i]["category_id"]]] for i in keep],
+                                    dtype=torch.bool),
+            "iscrowd": torch.tensor([bool(segments[i].get("iscrowd", 0)) for i in keep], dtype=torch.bool),
+            "captions": list(self.captions.get(info["id"], [])),
+            "image_id": info["id"],
+            "file_name": info["file_name"],
+            "height": h,
+            "width": w,
+        }
+        return self.transform(item) if self.transform is not None else item
