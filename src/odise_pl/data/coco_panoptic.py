@@ -37,7 +37,9 @@ def load_image(path: str | Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB, EXIF orientation applied; a clear error for a missing or corrupt file."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"image not found: {path} (check the dataset root / the image folder in the config)")
+        raise DatasetError(
+            f"image not found: {path} (check the dataset root / the image folder in the config)"
+        )
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
@@ -121,8 +123,10 @@ class COCOPanopticDataset(Dataset):
         self.items = []
         for ann in data["annotations"]:
             if ann["image_id"] not in images:
-                raise DatasetError(f"{pan_json}: annotation {ann['file_name']} names image_id {ann['image_id']}, "
-                                   "which is not in its 'images' list")
+                raise DatasetError(
+                    f"{pan_json}: annotation {ann['file_name']} names image_id {ann['image_id']}, "
+                    "which is not in its 'images' list"
+                )
             self.items.append((images[ann["image_id"]], ann))
         self.items.sort(key=lambda it: it[0]["id"])
         if max_items is not None:
@@ -156,7 +160,9 @@ class COCOPanopticDataset(Dataset):
             with Image.open(png) as im:
                 ids = rgb_to_ids(np.asarray(im.convert("RGB")))
         except (UnidentifiedImageError, OSError) as err:
-            raise DatasetError(f"cannot decode panoptic PNG {png}: {err}; re-download or regenerate it") from err
+            raise DatasetError(
+                f"cannot decode panoptic PNG {png}: {err}; re-download or regenerate it"
+            ) from err
         segments = ann["segments_info"]
         known = {s["id"] for s in segments}
         present = set(np.unique(ids).tolist()) - {0}
@@ -188,10 +194,16 @@ class COCOPanopticDataset(Dataset):
         h, w = ids.shape
         item = {
             "image": torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1),
-            "masks": torch.from_numpy(np.stack([masks[i] for i in keep])) if keep else torch.zeros(0, h, w, dtype=torch.bool),
-            "labels": torch.tensor([self.cat_to_contiguous[segments[i]["category_id"]] for i in keep], dtype=torch.long),
-            "isthing": torch.tensor([self.isthing[self.cat_to_contiguous[segments[i]["category_id"]]] for i in keep],
-                                    dtype=torch.bool),
+            "masks": torch.from_numpy(np.stack([masks[i] for i in keep]))
+            if keep
+            else torch.zeros(0, h, w, dtype=torch.bool),
+            "labels": torch.tensor(
+                [self.cat_to_contiguous[segments[i]["category_id"]] for i in keep], dtype=torch.long
+            ),
+            "isthing": torch.tensor(
+                [self.isthing[self.cat_to_contiguous[segments[i]["category_id"]]] for i in keep],
+                dtype=torch.bool,
+            ),
             "iscrowd": torch.tensor([bool(segments[i].get("iscrowd", 0)) for i in keep], dtype=torch.bool),
             "captions": list(self.captions.get(info["id"], [])),
             "image_id": info["id"],

@@ -162,6 +162,7 @@ class SampleWords:
 
 
 def main() -> None:
+    """CLI: captions on stdin, one per line -> their phrases joined by `` | ``, one line each."""
     for line in sys.stdin:
         line = line.strip()
         if line:

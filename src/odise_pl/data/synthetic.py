@@ -41,10 +41,12 @@ SIZES = [(128, 160), (160, 128), (144, 144), (128, 192)]
 def categories() -> list[dict]:
     """COCO panoptic ``categories`` entries."""
     cats = [
-        {"id": i, "name": n, "supercategory": "shape", "isthing": 1, "color": [200, 50 * i, 40]} for i, n in THINGS
+        {"id": i, "name": n, "supercategory": "shape", "isthing": 1, "color": [200, 50 * i, 40]}
+        for i, n in THINGS
     ]
     cats += [
-        {"id": i, "name": n, "supercategory": "scene", "isthing": 0, "color": [40, 60 * (i - 99), 200]} for i, n in STUFF
+        {"id": i, "name": n, "supercategory": "scene", "isthing": 0, "color": [40, 60 * (i - 99), 200]}
+        for i, n in STUFF
     ]
     return cats
 
@@ -71,7 +73,10 @@ def _shape_mask(kind: str, h: int, w: int, cx: float, cy: float, r: float, angle
     elif kind == "square":
         draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=1)
     else:
-        pts = [(cx + r * np.cos(angle + k * 2 * np.pi / 3), cy + r * np.sin(angle + k * 2 * np.pi / 3)) for k in range(3)]
+        pts = [
+            (cx + r * np.cos(angle + k * 2 * np.pi / 3), cy + r * np.sin(angle + k * 2 * np.pi / 3))
+            for k in range(3)
+        ]
         draw.polygon(pts, fill=1)
     return np.asarray(img, dtype=bool)
 
@@ -108,7 +113,9 @@ def make_scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[d
         cat, kind = THINGS[rng.integers(len(THINGS))]
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         r = rng.uniform(10, 26)
-        mask = _shape_mask(kind, h, w, rng.uniform(r, w - r), rng.uniform(r, h - r), r, rng.uniform(0, 2 * np.pi))
+        mask = _shape_mask(
+            kind, h, w, rng.uniform(r, w - r), rng.uniform(r, h - r), r, rng.uniform(0, 2 * np.pi)
+        )
         add(mask, cat)
         shade = np.asarray(COLOURS[colour], np.float64) * rng.uniform(0.85, 1.0)
         pixels[mask] = shade + rng.normal(0, 4, (int(mask.sum()), 3))
@@ -145,7 +152,9 @@ def ids_to_rgb(seg: np.ndarray) -> np.ndarray:
     return np.stack([seg % 256, seg // 256 % 256, seg // 256**2 % 256], -1).astype(np.uint8)
 
 
-def write_split(out: Path, split: str, num_images: int, seed: int, start_id: int = 1) -> dict[int, np.ndarray]:
+def write_split(
+    out: Path, split: str, num_images: int, seed: int, start_id: int = 1
+) -> dict[int, np.ndarray]:
     """Write one split; returns image_id -> (H, W) segment-id map (what the PNGs encode)."""
     rng = np.random.default_rng(seed)
     img_dir = out / f"{split}2017"
@@ -167,7 +176,10 @@ def write_split(out: Path, split: str, num_images: int, seed: int, start_id: int
             captions.append({"image_id": image_id, "id": cap_id, "caption": c})
             cap_id += 1
         maps[image_id] = seg
-    meta = {"info": {"description": "odise-pl synthetic COCO-panoptic-format dataset", "seed": seed}, "licenses": []}
+    meta = {
+        "info": {"description": "odise-pl synthetic COCO-panoptic-format dataset", "seed": seed},
+        "licenses": [],
+    }
     with open(out / "annotations" / f"panoptic_{split}2017.json", "w") as f:
         json.dump({**meta, "images": images, "annotations": annotations, "categories": categories()}, f)
     with open(out / "annotations" / f"captions_{split}2017.json", "w") as f:
@@ -185,6 +197,7 @@ def write_dataset(out: str | Path, num_train: int = 64, num_val: int = 16, seed:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """CLI: ``python -m odise_pl.data.synthetic --out DIR [--num-train N --num-val N --seed S]``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (COCO layout is created inside)")
     p.add_argument("--num-train", type=int, default=64)

@@ -11,12 +11,16 @@ from torch import Tensor
 
 
 def _resize(item: dict, h: int, w: int) -> dict:
-    img = F.interpolate(item["image"][None].float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    img = F.interpolate(
+        item["image"][None].float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True
+    )
     item["image"] = img[0].round().clamp(0, 255).to(torch.uint8)
     if item["masks"].numel():
         # nearest-exact samples pixel centres like bilinear does; plain "nearest" is offset by half a
         # source pixel, so masks would drift against the image.
-        item["masks"] = F.interpolate(item["masks"][None].to(torch.uint8), size=(h, w), mode="nearest-exact")[0].bool()
+        item["masks"] = F.interpolate(item["masks"][None].to(torch.uint8), size=(h, w), mode="nearest-exact")[
+            0
+        ].bool()
     else:
         item["masks"] = torch.zeros(0, h, w, dtype=torch.bool)
     return item
@@ -84,7 +88,9 @@ class ResizeShortestEdge:
     def __call__(self, item: dict) -> dict:
         h, w = item["image"].shape[-2:]
         nh, nw = self.target_size(h, w)
-        img = F.interpolate(item["image"][None].float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        img = F.interpolate(
+            item["image"][None].float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True
+        )
         item["image"] = img[0].round().clamp(0, 255).to(torch.uint8)
         return item
 
