@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from odise_pl.data.nouns import SampleWords
+from odise_pl.data.sampler import InfiniteSampler, SeededDataset
 from odise_pl.data.transforms import pad_to_divisible
 
 
@@ -31,7 +31,7 @@ def collate(items: list[dict], size_divisibility: int = 64) -> dict:
     """Items -> ``images: (B, 3, H, W) uint8`` zero-padded to a multiple of ``size_divisibility``,
     ``targets``: per image ``masks (N, H, W)`` (padded like the image when the transform resized
     both; at the original size when only the image was resized, for evaluation), ``labels``, ``isthing``,
-    ``iscrowd``; ``captions``: one random caption per image (for the ``text`` captioner);
+    ``iscrowd``; ``captions``: one caption per image (for the ``text`` captioner);
     ``words``: (B lists of K) sampled nouns when present; ``meta``: ids, original and input sizes.
     """
     images, sizes = pad_to_divisible([it["image"] for it in items], size_divisibility)
@@ -50,7 +50,8 @@ def collate(items: list[dict], size_divisibility: int = 64) -> dict:
     batch = {
         "images": images,
         "targets": targets,
-        "captions": [random.choice(it["captions"]) if it["captions"] else "" for it in items],
+        # The training stream picks a caption per sample under that sample's seed; evaluation takes the first.
+        "captions": [it.get("caption", it["captions"][0] if it["captions"] else "") for it in items],
         "meta": [
             {
                 "image_id": it["image_id"],
@@ -104,12 +105,14 @@ class ODISEDataModule(L.LightningDataModule):
         k_words: int = 8,
         size_divisibility: int = 64,
         synthetic: dict | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         self.train_factory, self.val_factory = train_dataset, val_dataset
         self.train_transform, self.val_transform = train_transform, val_transform
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.k_words, self.size_divisibility, self.synthetic = k_words, size_divisibility, synthetic
+        self.seed = seed
         self.train_set = self.val_set = None
 
     def prepare_data(self) -> None:
@@ -140,20 +143,38 @@ class ODISEDataModule(L.LightningDataModule):
     def isthing(self) -> list[bool]:
         return list((self.val_set or self.train_set).isthing)
 
-    def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
+    def _stream_start(self) -> tuple[int, int, int]:
+        """(global sample position, rank, world) where training (re)starts: from the restored step."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0, 1
+        world = trainer.world_size
+        consumed_batches = trainer.global_step * trainer.accumulate_grad_batches
+        return consumed_batches * self.batch_size * world, trainer.global_rank, world
+
+    def train_dataloader(self) -> DataLoader:
+        start, rank, world = self._stream_start()
+        sampler = InfiniteSampler(len(self.train_set), seed=self.seed, start=start, rank=rank, world=world)
         return DataLoader(
-            ds,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
+            SeededDataset(self.train_set),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            collate_fn=functools.partial(collate, size_divisibility=self.size_divisibility),
+            pin_memory=torch.cuda.is_available(),
+            # Its own generator: creating the iterator must not consume the global RNG, which a
+            # resumed run restores from the checkpoint.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_set,
+            batch_size=self.val_batch_size,
+            shuffle=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=functools.partial(collate, size_divisibility=self.size_divisibility),
             pin_memory=torch.cuda.is_available(),
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.val_batch_size, shuffle=False)

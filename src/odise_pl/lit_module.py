@@ -6,6 +6,7 @@ post-processing (``inference/``) do.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import lightning as L
@@ -195,6 +196,13 @@ class ODISELitModule(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)
         }
+        # RNG states (point sampling in the matcher / criterion draws from them), so a resumed run
+        # continues exactly; all plain tensors / tuples, loadable with weights_only=True.
+        checkpoint["rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         prefixes = tuple(f"net.{p}" for p in self.net.frozen_prefixes())
@@ -205,3 +213,9 @@ class ODISELitModule(L.LightningModule):
                 f"checkpoint lacks {len(missing)} trained weights of this model (e.g. {missing[:3]}); "
                 "it was written by a different model configuration"
             )
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            random.setstate(rng["python"])
