@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	# Exact versions seen working together (torch + torchvision from the registry: CUDA builds that also run on CPU).
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	# The COCO panoptic API (reference for PQ tests and benchmarks). --no-deps: its metadata pins
+	# numpy<2, but panopticapi/evaluation.py needs only numpy and Pillow.
+	$(PY) -m pip install --quiet --no-deps panopticapi-lite==0.2.0
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create .venv and install everything (idempotent)

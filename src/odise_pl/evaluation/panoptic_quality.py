@@ -1,0 +1,280 @@
+"""Panoptic quality that agrees exactly with the COCO panoptic API, vectorised per image and
+parallel over images.
+
+Rules (those of ``panopticapi/evaluation.py``): a prediction matches a ground-truth segment of the
+same category when IoU > 0.5, the union leaving out the prediction's pixels on VOID (id 0);
+crowd ground truth is never matched; an unmatched prediction is not a false positive when more
+than half of it lies on VOID plus the crowd region of its category (the last crowd segment of that
+category in the JSON); ground-truth areas come from the JSON, prediction areas from the PNG;
+ground-truth ids that the JSON does not list are ignored. PQ, SQ, RQ average over the categories
+with at least one TP, FP or FN.
+
+Why ours and not the COCO code: per image it builds the whole (gt x pred) intersection table with
+one ``bincount`` instead of ``np.unique`` over a 64-bit product image plus Python loops, so it runs
+close to the cost of decoding the PNGs; it also works in memory for validation during training.
+
+``python -m odise_pl.evaluation.panoptic_quality --gt-json F --gt-folder D --pred-json F --pred-folder D
+[--output results.json] [--workers N]`` prints the PQ table and writes COCO-API-shaped JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# Per-category statistics columns.
+IOU, TP, FP, FN = range(4)
+
+
+class PanopticEvalError(ValueError):
+    """Inconsistent predictions / ground truth; the message names the image and the segment."""
+
+
+def read_ids(path: str | Path) -> np.ndarray:
+    """Panoptic PNG -> (H, W) uint32 ids, id = R + 256 G + 256^2 B."""
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    return rgb[..., 0].astype(np.uint32) | (rgb[..., 1].astype(np.uint32) << 8) | (rgb[..., 2].astype(np.uint32) << 16)
+
+
+def _compact(ids: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Map ids to positions in ``known`` (sorted, starting with 0); returns (index map, unknown-mask)."""
+    pos = np.searchsorted(known, ids)
+    pos_clipped = np.minimum(pos, len(known) - 1)
+    unknown = known[pos_clipped] != ids
+    return pos_clipped, unknown
+
+
+def image_stats(
+    gt_ids: np.ndarray,
+    gt_segments: list[dict],
+    pred_ids: np.ndarray,
+    pred_segments: list[dict],
+    cat_index: dict[int, int],
+    image: str = "",
+) -> np.ndarray:
+    """One image -> (K, 4) float64 [iou, tp, fp, fn] per category (``cat_index``: category id -> row).
+
+    gt_segments: ``{"id", "category_id", "iscrowd", "area"}`` (area from the JSON);
+    pred_segments: ``{"id", "category_id"}``.
+    """
+    if gt_ids.shape != pred_ids.shape:
+        raise PanopticEvalError(f"{image}: prediction is {pred_ids.shape}, ground truth {gt_ids.shape}")
+    stats = np.zeros((len(cat_index), 4), dtype=np.float64)
+    # Predictions: every PNG id must be in the JSON (or 0) and every JSON id in the PNG.
+    p_ids = np.array(sorted({0, *(s["id"] for s in pred_segments)}), dtype=np.uint32)
+    if len(p_ids) - 1 != len(pred_segments):
+        raise PanopticEvalError(f"{image}: duplicate (or 0) segment ids in the prediction JSON")
+    p_idx, p_unknown = _compact(pred_ids.ravel(), p_ids)
+    if p_unknown.any():
+        bad = np.unique(pred_ids.ravel()[p_unknown])[:10].tolist()
+        raise PanopticEvalError(f"{image}: segment ids {bad} are in the prediction PNG but not in its JSON")
+    pred_by_id = {s["id"]: s for s in pred_segments}
+    for s in pred_segments:
+        if s["category_id"] not in cat_index:
+            raise PanopticEvalError(f"{image}: prediction segment {s['id']} has unknown category_id {s['category_id']}")
+    # Ground truth: ids not in the JSON get their own bucket, ignored like the COCO API does.
+    g_ids = np.array(sorted({0, *(s["id"] for s in gt_segments)}), dtype=np.uint32)
+    g_idx, g_unknown = _compact(gt_ids.ravel(), g_ids)
+    n_g, n_p = len(g_ids) + 1, len(p_ids)
+    g_idx = np.where(g_unknown, len(g_ids), g_idx)
+    inter = np.bincount(g_idx.astype(np.int64) * n_p + p_idx, minlength=n_g * n_p).reshape(n_g, n_p)
+    pred_area = inter.sum(0)
+    missing = [int(p_ids[j]) for j in range(1, n_p) if pred_area[j] == 0]
+    if missing:
+        raise PanopticEvalError(f"{image}: segment ids {missing} are in the prediction JSON but not in its PNG")
+
+    gt_by_id = {s["id"]: s for s in gt_segments}
+    g_list = [gt_by_id[int(i)] for i in g_ids[1:]]
+    p_list = [pred_by_id[int(i)] for i in p_ids[1:]]
+    g_cat = np.array([s["category_id"] for s in g_list], dtype=np.int64)
+    p_cat = np.array([s["category_id"] for s in p_list], dtype=np.int64)
+    g_crowd = np.array([bool(s.get("iscrowd", 0)) for s in g_list], dtype=bool)
+    # Areas from the JSON, as the COCO API; from the PNG where the JSON has none.
+    png_area = inter[1 : len(g_ids)].sum(1)
+    g_area = np.array([s.get("area", png_area[g]) for g, s in enumerate(g_list)], dtype=np.float64)
+
+    # Matching: IoU > 0.5 is unique, so it can be evaluated for all pairs at once.
+    cross = inter[1 : len(g_ids), 1:].astype(np.float64)  # known gt x pred
+    union = pred_area[None, 1:] + g_area[:, None] - cross - inter[0, None, 1:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(cross > 0, cross / union, 0.0)
+    match = (iou > 0.5) & (g_cat[:, None] == p_cat[None, :]) & ~g_crowd[:, None]
+    gi, pj = np.nonzero(match)
+    for g, p in zip(gi, pj):
+        row = cat_index[int(g_cat[g])]
+        stats[row, TP] += 1
+        stats[row, IOU] += iou[g, p]
+    g_matched = np.zeros(len(g_list), dtype=bool)
+    g_matched[gi] = True
+    p_matched = np.zeros(len(p_list), dtype=bool)
+    p_matched[pj] = True
+
+    for g, s in enumerate(g_list):
+        if not g_matched[g] and not g_crowd[g]:
+            stats[cat_index[s["category_id"]], FN] += 1
+    # The crowd region of a category: its last crowd segment in JSON order (the COCO API's dict).
+    row_of_id = {int(i): g for g, i in enumerate(g_ids[1:])}
+    crowd_of_cat = {s["category_id"]: row_of_id[s["id"]] for s in gt_segments if s.get("iscrowd", 0)}
+    for p, s in enumerate(p_list):
+        if p_matched[p]:
+            continue
+        ignored = inter[0, p + 1]
+        if s["category_id"] in crowd_of_cat:
+            ignored += inter[crowd_of_cat[s["category_id"]] + 1, p + 1]
+        if ignored / pred_area[p + 1] > 0.5:
+            continue
+        stats[cat_index[s["category_id"]], FP] += 1
+    return stats
+
+
+def summarize(stats: np.ndarray, categories: list[dict]) -> dict:
+    """(K, 4) summed stats -> ``{"All"|"Things"|"Stuff": {pq, sq, rq, n}, "per_class": {id: {pq, sq, rq}}}``."""
+    per_class: dict[int, dict] = {}
+    out = {}
+    iou, tp, fp, fn = stats.T
+    denom = tp + 0.5 * fp + 0.5 * fn
+    for k, c in enumerate(categories):
+        if denom[k] == 0:
+            per_class[c["id"]] = {"pq": 0.0, "sq": 0.0, "rq": 0.0}
+        else:
+            per_class[c["id"]] = {
+                "pq": iou[k] / denom[k],
+                "sq": iou[k] / tp[k] if tp[k] else 0.0,
+                "rq": tp[k] / denom[k],
+            }
+    for name, want in (("All", None), ("Things", True), ("Stuff", False)):
+        rows = [
+            k for k, c in enumerate(categories)
+            if denom[k] > 0 and (want is None or bool(c.get("isthing", 1)) == want)
+        ]
+        n = len(rows)
+        out[name] = {
+            m: (sum(per_class[categories[k]["id"]][m] for k in rows) / n if n else 0.0) for m in ("pq", "sq", "rq")
+        }
+        out[name]["n"] = n
+    out["per_class"] = per_class
+    return out
+
+
+def format_table(results: dict) -> str:
+    """The COCO API's printed table (values in %)."""
+    lines = [f"{'':10s}|    PQ     SQ     RQ     N", "-" * 38]
+    for name in ("All", "Things", "Stuff"):
+        r = results[name]
+        lines.append(f"{name:10s}| {100 * r['pq']:5.1f}  {100 * r['sq']:5.1f}  {100 * r['rq']:5.1f}  {r['n']:4d}")
+    return "\n".join(lines)
+
+
+def _eval_files(args) -> np.ndarray:
+    pairs, gt_folder, pred_folder, cat_index = args
+    total = np.zeros((len(cat_index), 4))
+    for gt_ann, pred_ann in pairs:
+        gt = read_ids(Path(gt_folder) / gt_ann["file_name"])
+        pred = read_ids(Path(pred_folder) / pred_ann["file_name"])
+        total += image_stats(gt, gt_ann["segments_info"], pred, pred_ann["segments_info"], cat_index,
+                             image=f"image {gt_ann['image_id']} ({pred_ann['file_name']})")
+    return total
+
+
+def evaluate_files(
+    gt_json: str | Path, gt_folder: str | Path, pred_json: str | Path, pred_folder: str | Path,
+    workers: int | None = None,
+) -> dict:
+    """COCO-format ground truth + predictions on disk -> results (see :func:`summarize`)."""
+    with open(gt_json) as f:
+        gt = json.load(f)
+    with open(pred_json) as f:
+        pred = json.load(f)
+    categories = sorted(gt["categories"], key=lambda c: c["id"])
+    cat_index = {c["id"]: k for k, c in enumerate(categories)}
+    preds = {a["image_id"]: a for a in pred["annotations"]}
+    pairs = []
+    for a in gt["annotations"]:
+        if a["image_id"] not in preds:
+            raise PanopticEvalError(f"no prediction for image {a['image_id']} in {pred_json}")
+        pairs.append((a, preds[a["image_id"]]))
+    workers = workers or os.cpu_count() or 1
+    workers = max(1, min(workers, len(pairs)))
+    chunks = [pairs[i::workers] for i in range(workers)]
+    if workers == 1:
+        stats = _eval_files((pairs, gt_folder, pred_folder, cat_index))
+    else:
+        with ProcessPoolExecutor(workers) as ex:
+            stats = sum(ex.map(_eval_files, [(c, gt_folder, pred_folder, cat_index) for c in chunks]))
+    return summarize(stats, categories)
+
+
+class PanopticEvaluator:
+    """In-memory accumulation for validation during training; ``sync()`` sums over DDP processes.
+
+    Args:
+        categories: ``{"id", "isthing"}`` dicts (contiguous ids are fine).
+    """
+
+    def __init__(self, categories: list[dict]):
+        self.categories = sorted(categories, key=lambda c: c["id"])
+        self.cat_index = {c["id"]: k for k, c in enumerate(self.categories)}
+        self.reset()
+
+    def reset(self) -> None:
+        self.stats = np.zeros((len(self.categories), 4))
+
+    def update(self, gt_ids, gt_segments, pred_ids, pred_segments, image: str = "") -> None:
+        self.stats += image_stats(np.asarray(gt_ids, dtype=np.uint32), gt_segments, np.asarray(pred_ids, dtype=np.uint32),
+                                  pred_segments, self.cat_index, image)
+
+    def sync(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            t = torch.as_tensor(self.stats, dtype=torch.float64)
+            if dist.get_backend() == "nccl":
+                t = t.cuda()
+            dist.all_reduce(t)
+            self.stats = t.cpu().numpy()
+
+    def compute(self) -> dict:
+        return summarize(self.stats, self.categories)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI; see the module docstring."""
+    p = argparse.ArgumentParser(description="Panoptic quality (COCO panoptic API rules).")
+    p.add_argument("--gt-json", required=True)
+    p.add_argument("--gt-folder", required=True)
+    p.add_argument("--pred-json", required=True)
+    p.add_argument("--pred-folder", required=True)
+    p.add_argument("--output", help="write COCO-API-shaped results JSON here")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    a = p.parse_args(argv)
+    for path in (a.gt_json, a.pred_json):
+        if not Path(path).is_file():
+            print(f"error: file not found: {path}", file=sys.stderr)
+            return 2
+    for path in (a.gt_folder, a.pred_folder):
+        if not Path(path).is_dir():
+            print(f"error: folder not found: {path}", file=sys.stderr)
+            return 2
+    try:
+        results = evaluate_files(a.gt_json, a.gt_folder, a.pred_json, a.pred_folder, a.workers)
+    except (PanopticEvalError, FileNotFoundError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    if a.output:
+        with open(a.output, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
