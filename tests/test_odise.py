@@ -36,7 +36,7 @@ def test_panoptic_inference_hand_worked():
     big = 20.0
     logits = torch.tensor([[big, 0, 0], [0, big, 0], [0, 0, big]])  # q0: class 0, q1: class 1, q2: no-object
     masks = torch.tensor([[[big, big, -big, -big]], [[-big, -big, big, big]], [[big, big, big, big]]])
-    pan, segs = panoptic_inference(logits, masks, [True, False])
+    pan, segs = panoptic_inference(logits.softmax(-1), masks, [True, False])
     assert pan.tolist() == [[1, 1, 2, 2]]
     assert [(s["category_id"], s["isthing"]) for s in segs] == [(0, True), (1, False)]
     # a query that loses most of its mask to a stronger one is dropped (overlap 0.8)
@@ -44,7 +44,7 @@ def test_panoptic_inference_hand_worked():
     # q1 (score ~1) wins pixels 0-2 and keeps all of its own mask.
     logits2 = torch.tensor([[2.0, 0, 0], [big, 0, 0]])
     masks2 = torch.tensor([[[big, big, big, big]], [[big, big, big, -big]]])
-    pan2, segs2 = panoptic_inference(logits2, masks2, [True, False])
+    pan2, segs2 = panoptic_inference(logits2.softmax(-1), masks2, [True, False])
     assert len(segs2) == 1 and pan2.tolist() == [[1, 1, 1, 0]]
-    sem = semantic_inference(logits, masks)
+    sem = semantic_inference(logits.softmax(-1), masks)
     assert sem.argmax(0).tolist() == [[0, 0, 1, 1]]

@@ -51,9 +51,20 @@ def test_identical_segmentation_is_perfect(gt_and_pred, tmp_path):
     gt_json, gt_folder, _ = gt_and_pred
     gt = json.load(open(gt_json))
     pred_json = tmp_path / "same.json"
-    json.dump({"annotations": [{**a, "segments_info": [{"id": s["id"], "category_id": s["category_id"]}
-                                                          for s in a["segments_info"]]}
-                               for a in gt["annotations"]]}, open(pred_json, "w"))
+    json.dump(
+        {
+            "annotations": [
+                {
+                    **a,
+                    "segments_info": [
+                        {"id": s["id"], "category_id": s["category_id"]} for s in a["segments_info"]
+                    ],
+                }
+                for a in gt["annotations"]
+            ]
+        },
+        open(pred_json, "w"),
+    )
     r = evaluate_files(gt_json, gt_folder, pred_json, gt_folder, workers=1)
     assert r["All"]["pq"] == pytest.approx(1.0)
 
@@ -61,7 +72,10 @@ def test_identical_segmentation_is_perfect(gt_and_pred, tmp_path):
 def test_hand_worked_case():
     # 1 x 10 image. GT: thing A (cat 1, 4 px), stuff B (cat 2, 4 px), VOID 2 px.
     gt = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 0, 0]], dtype=np.uint32)
-    gts = [{"id": 1, "category_id": 1, "iscrowd": 0, "area": 4}, {"id": 2, "category_id": 2, "iscrowd": 0, "area": 4}]
+    gts = [
+        {"id": 1, "category_id": 1, "iscrowd": 0, "area": 4},
+        {"id": 2, "category_id": 2, "iscrowd": 0, "area": 4},
+    ]
     # pred 7 covers 3 of A + both VOID px -> IoU = 3 / (5 + 4 - 3 - 2) = 0.75 -> TP
     # pred 8 (cat 2) covers 1 px of B -> IoU 0.25 -> FP; B -> FN
     pred = np.array([[0, 7, 7, 7, 8, 0, 0, 0, 7, 7]], dtype=np.uint32)
@@ -86,8 +100,22 @@ def test_inconsistent_predictions_are_named():
 def test_cli_prints_table_and_writes_json(gt_and_pred, tmp_path, capsys):
     gt_json, gt_folder, preds = gt_and_pred
     out = tmp_path / "r.json"
-    rc = main(["--gt-json", str(gt_json), "--gt-folder", str(gt_folder), "--pred-json", str(preds[0][0]),
-               "--pred-folder", str(preds[0][1]), "--output", str(out), "--workers", "1"])
+    rc = main(
+        [
+            "--gt-json",
+            str(gt_json),
+            "--gt-folder",
+            str(gt_folder),
+            "--pred-json",
+            str(preds[0][0]),
+            "--pred-folder",
+            str(preds[0][1]),
+            "--output",
+            str(out),
+            "--workers",
+            "1",
+        ]
+    )
     assert rc == 0
     assert "Things" in capsys.readouterr().out
     res = json.load(open(out))

@@ -21,7 +21,9 @@ def test_miou_equals_confusion_matrix_reference():
         gt = rng.integers(0, 5, (20, 30))
         gt[rng.random(gt.shape) < 0.1] = 255
         gt[gt == 4] = 255  # class 4 never in ground truth ...
-        pred = np.where(rng.random(gt.shape) < 0.6, np.minimum(gt, 3), rng.integers(0, 4, gt.shape))  # ... nor predicted
+        pred = np.where(
+            rng.random(gt.shape) < 0.6, np.minimum(gt, 3), rng.integers(0, 4, gt.shape)
+        )  # ... nor predicted
         ev.update(torch.from_numpy(pred), torch.from_numpy(gt))
         for p, g in zip(pred.ravel(), gt.ravel()):
             if g != 255:
@@ -58,13 +60,27 @@ def test_mask_ap_equals_cocoeval_run_directly(synthetic_root):
         for m, lab, crowd in zip(masks, labels, item["iscrowd"].numpy()):
             if ds.isthing[lab]:
                 rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
-                gts.append({"id": len(gts) + 1, "image_id": item["image_id"], "category_id": int(lab),
-                            "segmentation": rle, "area": float(mask_util.area(rle)),
-                            "bbox": list(mask_util.toBbox(rle)), "iscrowd": int(crowd)})
+                gts.append(
+                    {
+                        "id": len(gts) + 1,
+                        "image_id": item["image_id"],
+                        "category_id": int(lab),
+                        "segmentation": rle,
+                        "area": float(mask_util.area(rle)),
+                        "bbox": list(mask_util.toBbox(rle)),
+                        "iscrowd": int(crowd),
+                    }
+                )
         for m, lab, s in zip(pred, labels, scores):
             if ds.isthing[lab]:
-                dts.append({"image_id": item["image_id"], "category_id": int(lab), "score": float(s),
-                            "segmentation": mask_util.encode(np.asfortranarray(m.astype(np.uint8)))})
+                dts.append(
+                    {
+                        "image_id": item["image_id"],
+                        "category_id": int(lab),
+                        "score": float(s),
+                        "segmentation": mask_util.encode(np.asfortranarray(m.astype(np.uint8))),
+                    }
+                )
     coco = COCO()
     coco.dataset = {"images": images, "annotations": gts, "categories": things}
     with contextlib.redirect_stdout(io.StringIO()):

@@ -53,8 +53,9 @@ def test_every_experiment_composes(tmp_path):
 def test_entry_point_trains_validates_and_saves_trainable_only(tmp_path, capsys):
     cfg = cfg_for(tmp_path, "callbacks.model_checkpoint.every_n_train_steps=2")
     metrics = train(cfg)
-    assert "val/pq" in metrics
-    assert "after training:  val/pq=" in capsys.readouterr().out
+    assert {"val/pq", "val/pq_th", "val/pq_st", "val/miou", "val/ap"} <= set(metrics)
+    out = capsys.readouterr().out
+    assert "after training:  PQ " in out and "mIoU " in out and "AP " in out
     ckpts = sorted(glob.glob(f"{tmp_path}/out/checkpoints/*.ckpt"))
     assert ckpts
     state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)

@@ -11,11 +11,10 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.detection import PanopticQuality
 
-from odise_pl.inference.postprocess import panoptic_inference
+from odise_pl.evaluation.runner import compute_evaluators, make_evaluators, update_evaluators
+from odise_pl.inference.predictor import Predictor
 from odise_pl.loss.criterion import SetCriterion
 from odise_pl.loss.grounding import GroundingLoss
 from odise_pl.model.odise import ODISE, to_unit
@@ -63,6 +62,10 @@ class ODISELitModule(L.LightningModule):
         lr_gamma: float = 0.1,
         object_mask_threshold: float = 0.0,
         overlap_threshold: float = 0.8,
+        open_vocab_mode: str = "ensemble",
+        ensemble_alpha: float = 0.35,
+        ensemble_beta: float = 0.65,
+        instance_topk: int = 100,
     ):
         super().__init__()
         if supervision not in ("label", "caption"):
@@ -72,11 +75,17 @@ class ODISELitModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.warmup_steps, self.lr_milestones, self.lr_gamma = warmup_steps, list(lr_milestones), lr_gamma
         self.object_mask_threshold, self.overlap_threshold = object_mask_threshold, overlap_threshold
+        self.open_vocab_mode, self.ensemble_alpha, self.ensemble_beta = (
+            open_vocab_mode,
+            ensemble_alpha,
+            ensemble_beta,
+        )
+        self.instance_topk = instance_topk
         # Frozen parts are in eval mode and out of the checkpoint: loading needs no frozen keys.
         self.strict_loading = False
         self.vocabulary: list[list[str]] | None = None
         self.isthing: list[bool] | None = None
-        self.pq: PanopticQuality | None = None
+        self.evaluators: dict = {}
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -87,14 +96,7 @@ class ODISELitModule(L.LightningModule):
     def set_vocabulary(self, vocabulary: list[list[str]], isthing: list[bool]) -> None:
         """Categories for label supervision and validation (contiguous ids = list positions)."""
         self.vocabulary, self.isthing = vocabulary, list(isthing)
-        k = len(vocabulary)
-        self.void = k
-        self.pq = PanopticQuality(
-            things={i for i in range(k) if isthing[i]},
-            stuffs={i for i in range(k) if not isthing[i]},
-            allow_unknown_preds_category=True,
-            return_sq_and_rq=True,
-        )
+        self.evaluators = make_evaluators(vocabulary, isthing)
 
     # -- training ------------------------------------------------------------------------------
     def compute_losses(self, batch: dict) -> dict[str, Tensor]:
@@ -129,57 +131,35 @@ class ODISELitModule(L.LightningModule):
         return total
 
     # -- validation ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict_panoptic(self, batch: dict) -> list[tuple[Tensor, list[dict]]]:
-        """Panoptic predictions at each image's original size."""
-        images = to_unit(batch["images"])
-        outputs = self.net(images, batch.get("captions"))
-        logits = self.net.classifier(outputs["mask_embed"], *self.net.text_embeddings(self.vocabulary))
-        masks = F.interpolate(
-            outputs["pred_masks"], size=images.shape[-2:], mode="bilinear", align_corners=False
+    @property
+    def predictor(self) -> Predictor:
+        return Predictor(
+            self.net,
+            mode=self.open_vocab_mode,
+            alpha=self.ensemble_alpha,
+            beta=self.ensemble_beta,
+            train_vocabulary=self.vocabulary,
+            object_mask_threshold=self.object_mask_threshold,
+            overlap_threshold=self.overlap_threshold,
+            topk=self.instance_topk,
         )
-        results = []
-        for i, meta in enumerate(batch["meta"]):
-            h, w = meta["input_size"]
-            m = masks[i : i + 1, :, :h, :w]
-            m = F.interpolate(m, size=(meta["height"], meta["width"]), mode="bilinear", align_corners=False)[
-                0
-            ]
-            results.append(
-                panoptic_inference(
-                    logits[i], m, self.isthing, self.object_mask_threshold, self.overlap_threshold
-                )
-            )
-        return results
-
-    def _to_pairs(self, ids: Tensor, segments: list[dict]) -> Tensor:
-        """(H, W) segment ids + segments -> (H, W, 2) (category, instance); void = K."""
-        cat = torch.full_like(ids, self.void, dtype=torch.long)
-        inst = torch.zeros_like(ids, dtype=torch.long)
-        for s in segments:
-            m = ids == s["id"]
-            cat[m] = s["category_id"]
-            inst[m] = s["id"]
-        return torch.stack([cat, inst], -1)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        for (pan, segs), tgt in zip(self.predict_panoptic(batch), batch["targets"]):
-            meta_h, meta_w = pan.shape
-            gt_ids = torch.zeros((meta_h, meta_w), dtype=torch.long, device=pan.device)
-            gt_segs = []
-            for j in range(len(tgt["labels"])):
-                m = tgt["masks"][j, :meta_h, :meta_w].to(pan.device)
-                gt_ids[m] = j + 1
-                # Until the COCO-exact evaluator lands, crowd regions count as void.
-                if not bool(tgt["iscrowd"][j]):
-                    gt_segs.append({"id": j + 1, "category_id": int(tgt["labels"][j])})
-            self.pq.update(self._to_pairs(pan, segs)[None], self._to_pairs(gt_ids, gt_segs)[None])
+        preds = self.predictor(
+            batch["images"], batch["meta"], self.vocabulary, self.isthing, batch.get("captions")
+        )
+        for pred, tgt, meta in zip(preds, batch["targets"], batch["meta"]):
+            update_evaluators(self.evaluators, pred, tgt, meta)
+
+    def on_validation_epoch_start(self) -> None:
+        for ev in self.evaluators.values():
+            ev.reset()
 
     def on_validation_epoch_end(self) -> None:
-        # NaN (nothing predicted, nothing matched) counts as 0, as the COCO API would report it.
-        pq, sq, rq = (100 * torch.nan_to_num(v, nan=0.0) for v in self.pq.compute())
-        self.log_dict({"val/pq": pq, "val/sq": sq, "val/rq": rq}, prog_bar=True)
-        self.pq.reset()
+        metrics = compute_evaluators(self.evaluators)
+        # Evaluators synchronise across processes themselves; the values are already global.
+        for k, v in metrics.items():
+            self.log(f"val/{k}", v, prog_bar=k in ("pq", "miou", "ap"), sync_dist=False)
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):

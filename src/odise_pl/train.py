@@ -40,9 +40,16 @@ def build(cfg: DictConfig):
 
 
 def format_metrics(metrics: dict) -> str:
-    """``val/pq=43.19  val/rq=...`` from a metrics dict."""
-    keys = sorted(k for k in metrics if k.startswith("val/"))
-    return "  ".join(f"{k}={float(metrics[k]):.2f}" for k in keys)
+    """``PQ 43.2 (th 50.1, st 30.2)  SQ ..  RQ ..  mIoU ..  AP ..`` from a metrics dict (values in %)."""
+    m = {k.split("/", 1)[-1]: float(v) for k, v in metrics.items()}
+    parts = []
+    if "pq" in m:
+        parts.append(f"PQ {m['pq']:.1f} (things {m.get('pq_th', 0):.1f}, stuff {m.get('pq_st', 0):.1f})")
+        parts += [f"SQ {m['sq']:.1f}", f"RQ {m['rq']:.1f}"]
+    for key, name in (("miou", "mIoU"), ("ap", "AP"), ("ap50", "AP50")):
+        if key in m:
+            parts.append(f"{name} {m[key]:.1f}")
+    return "  ".join(parts)
 
 
 def train(cfg: DictConfig) -> dict:

@@ -38,7 +38,9 @@ class InstanceEvaluator:
         self.gt: list[dict] = []
         self.dt: list[dict] = []
 
-    def update(self, image_id: int, gt_masks, gt_labels, gt_crowd, pred_masks, pred_labels, pred_scores) -> None:
+    def update(
+        self, image_id: int, gt_masks, gt_labels, gt_crowd, pred_masks, pred_labels, pred_scores
+    ) -> None:
         """Ground truth ``(N, H, W)`` bool + labels + crowd flags; predictions ``(M, H, W)`` bool + labels + scores.
 
         Segments of non-thing categories are skipped on both sides.
@@ -46,17 +48,39 @@ class InstanceEvaluator:
         gt_masks, pred_masks = np.asarray(gt_masks, dtype=bool), np.asarray(pred_masks, dtype=bool)
         h, w = gt_masks.shape[-2:] if gt_masks.ndim == 3 and len(gt_masks) else pred_masks.shape[-2:]
         self.images.append({"id": int(image_id), "height": int(h), "width": int(w)})
-        for m, rle, lab, crowd in zip(gt_masks, encode(gt_masks), np.asarray(gt_labels), np.asarray(gt_crowd)):
+        for m, rle, lab, crowd in zip(
+            gt_masks, encode(gt_masks), np.asarray(gt_labels), np.asarray(gt_crowd)
+        ):
             if int(lab) not in self.thing_ids:
                 continue
             ys, xs = np.nonzero(m)
-            bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
-            self.gt.append({"id": len(self.gt) + 1, "image_id": int(image_id), "category_id": int(lab),
-                            "segmentation": rle, "area": float(m.sum()), "bbox": bbox, "iscrowd": int(bool(crowd))})
+            bbox = [
+                float(xs.min()),
+                float(ys.min()),
+                float(xs.max() - xs.min() + 1),
+                float(ys.max() - ys.min() + 1),
+            ]
+            self.gt.append(
+                {
+                    "id": len(self.gt) + 1,
+                    "image_id": int(image_id),
+                    "category_id": int(lab),
+                    "segmentation": rle,
+                    "area": float(m.sum()),
+                    "bbox": bbox,
+                    "iscrowd": int(bool(crowd)),
+                }
+            )
         for rle, lab, score in zip(encode(pred_masks), np.asarray(pred_labels), np.asarray(pred_scores)):
             if int(lab) in self.thing_ids:
-                self.dt.append({"image_id": int(image_id), "category_id": int(lab), "segmentation": rle,
-                                "score": float(score)})
+                self.dt.append(
+                    {
+                        "image_id": int(image_id),
+                        "category_id": int(lab),
+                        "segmentation": rle,
+                        "score": float(score),
+                    }
+                )
 
     def sync(self) -> None:
         import torch.distributed as dist

@@ -41,7 +41,11 @@ def read_ids(path: str | Path) -> np.ndarray:
     """Panoptic PNG -> (H, W) uint32 ids, id = R + 256 G + 256^2 B."""
     with Image.open(path) as im:
         rgb = np.asarray(im.convert("RGB"))
-    return rgb[..., 0].astype(np.uint32) | (rgb[..., 1].astype(np.uint32) << 8) | (rgb[..., 2].astype(np.uint32) << 16)
+    return (
+        rgb[..., 0].astype(np.uint32)
+        | (rgb[..., 1].astype(np.uint32) << 8)
+        | (rgb[..., 2].astype(np.uint32) << 16)
+    )
 
 
 def _compact(ids: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +83,9 @@ def image_stats(
     pred_by_id = {s["id"]: s for s in pred_segments}
     for s in pred_segments:
         if s["category_id"] not in cat_index:
-            raise PanopticEvalError(f"{image}: prediction segment {s['id']} has unknown category_id {s['category_id']}")
+            raise PanopticEvalError(
+                f"{image}: prediction segment {s['id']} has unknown category_id {s['category_id']}"
+            )
     # Ground truth: ids not in the JSON get their own bucket, ignored like the COCO API does.
     g_ids = np.array(sorted({0, *(s["id"] for s in gt_segments)}), dtype=np.uint32)
     g_idx, g_unknown = _compact(gt_ids.ravel(), g_ids)
@@ -89,7 +95,9 @@ def image_stats(
     pred_area = inter.sum(0)
     missing = [int(p_ids[j]) for j in range(1, n_p) if pred_area[j] == 0]
     if missing:
-        raise PanopticEvalError(f"{image}: segment ids {missing} are in the prediction JSON but not in its PNG")
+        raise PanopticEvalError(
+            f"{image}: segment ids {missing} are in the prediction JSON but not in its PNG"
+        )
 
     gt_by_id = {s["id"]: s for s in gt_segments}
     g_list = [gt_by_id[int(i)] for i in g_ids[1:]]
@@ -152,12 +160,14 @@ def summarize(stats: np.ndarray, categories: list[dict]) -> dict:
             }
     for name, want in (("All", None), ("Things", True), ("Stuff", False)):
         rows = [
-            k for k, c in enumerate(categories)
+            k
+            for k, c in enumerate(categories)
             if denom[k] > 0 and (want is None or bool(c.get("isthing", 1)) == want)
         ]
         n = len(rows)
         out[name] = {
-            m: (sum(per_class[categories[k]["id"]][m] for k in rows) / n if n else 0.0) for m in ("pq", "sq", "rq")
+            m: (sum(per_class[categories[k]["id"]][m] for k in rows) / n if n else 0.0)
+            for m in ("pq", "sq", "rq")
         }
         out[name]["n"] = n
     out["per_class"] = per_class
@@ -169,7 +179,9 @@ def format_table(results: dict) -> str:
     lines = [f"{'':10s}|    PQ     SQ     RQ     N", "-" * 38]
     for name in ("All", "Things", "Stuff"):
         r = results[name]
-        lines.append(f"{name:10s}| {100 * r['pq']:5.1f}  {100 * r['sq']:5.1f}  {100 * r['rq']:5.1f}  {r['n']:4d}")
+        lines.append(
+            f"{name:10s}| {100 * r['pq']:5.1f}  {100 * r['sq']:5.1f}  {100 * r['rq']:5.1f}  {r['n']:4d}"
+        )
     return "\n".join(lines)
 
 
@@ -179,13 +191,22 @@ def _eval_files(args) -> np.ndarray:
     for gt_ann, pred_ann in pairs:
         gt = read_ids(Path(gt_folder) / gt_ann["file_name"])
         pred = read_ids(Path(pred_folder) / pred_ann["file_name"])
-        total += image_stats(gt, gt_ann["segments_info"], pred, pred_ann["segments_info"], cat_index,
-                             image=f"image {gt_ann['image_id']} ({pred_ann['file_name']})")
+        total += image_stats(
+            gt,
+            gt_ann["segments_info"],
+            pred,
+            pred_ann["segments_info"],
+            cat_index,
+            image=f"image {gt_ann['image_id']} ({pred_ann['file_name']})",
+        )
     return total
 
 
 def evaluate_files(
-    gt_json: str | Path, gt_folder: str | Path, pred_json: str | Path, pred_folder: str | Path,
+    gt_json: str | Path,
+    gt_folder: str | Path,
+    pred_json: str | Path,
+    pred_folder: str | Path,
     workers: int | None = None,
 ) -> dict:
     """COCO-format ground truth + predictions on disk -> results (see :func:`summarize`)."""
@@ -228,8 +249,14 @@ class PanopticEvaluator:
         self.stats = np.zeros((len(self.categories), 4))
 
     def update(self, gt_ids, gt_segments, pred_ids, pred_segments, image: str = "") -> None:
-        self.stats += image_stats(np.asarray(gt_ids, dtype=np.uint32), gt_segments, np.asarray(pred_ids, dtype=np.uint32),
-                                  pred_segments, self.cat_index, image)
+        self.stats += image_stats(
+            np.asarray(gt_ids, dtype=np.uint32),
+            gt_segments,
+            np.asarray(pred_ids, dtype=np.uint32),
+            pred_segments,
+            self.cat_index,
+            image,
+        )
 
     def sync(self) -> None:
         import torch

@@ -57,7 +57,9 @@ def perturb_image(gt: np.ndarray, segments: list[dict], cat_ids: list[int], rng:
     return pred, [s for s in out if s["id"] in present]
 
 
-def write_predictions(gt_json: str | Path, gt_folder: str | Path, out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
+def write_predictions(
+    gt_json: str | Path, gt_folder: str | Path, out_dir: str | Path, seed: int = 0
+) -> tuple[Path, Path]:
     """Write perturbed predictions for every ground-truth image; returns (pred_json, pred_folder)."""
     rng = np.random.default_rng(seed)
     gt = json.load(open(gt_json))

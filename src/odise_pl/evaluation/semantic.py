@@ -31,7 +31,9 @@ class SemanticEvaluator:
         keep = gt != self.ignore_label
         if (gt[keep] >= self.num_classes).any() or (gt[keep] < 0).any():
             bad = torch.unique(gt[keep][(gt[keep] >= self.num_classes) | (gt[keep] < 0)])[:10].tolist()
-            raise ValueError(f"ground-truth labels {bad} outside [0, {self.num_classes}) and not the ignore label")
+            raise ValueError(
+                f"ground-truth labels {bad} outside [0, {self.num_classes}) and not the ignore label"
+            )
         k = self.num_classes
         self.conf += torch.bincount(gt[keep] * k + pred[keep].cpu(), minlength=k * k).view(k, k).cpu()
 

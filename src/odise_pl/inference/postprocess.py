@@ -6,19 +6,41 @@ import torch
 from torch import Tensor
 
 
-def semantic_inference(logits: Tensor, masks: Tensor) -> Tensor:
-    """Logits (Q, K + 1), mask logits (Q, H, W) -> per-pixel class scores (K, H, W)."""
-    return torch.einsum("qk,qhw->khw", logits.softmax(-1)[:, :-1], masks.sigmoid())
+def semantic_inference(probs: Tensor, masks: Tensor) -> Tensor:
+    """Class probabilities (Q, K + 1), mask logits (Q, H, W) -> per-pixel class scores (K, H, W).
+
+    Every mask contributes to its classes' scores, so all masks of a class merge (Sec. 4.1).
+    """
+    return torch.einsum("qk,qhw->khw", probs[:, :-1], masks.sigmoid())
+
+
+def instance_inference(probs: Tensor, masks: Tensor, isthing: list[bool] | Tensor, topk: int = 100) -> dict:
+    """Top-k (query, class) pairs of thing classes (Mask2Former's instance inference).
+
+    probs (Q, K + 1), mask logits (Q, H, W) -> ``masks (M, H, W) bool``, ``labels (M,)``, ``scores (M,)``;
+    score = class probability x mean mask probability inside the binary mask.
+    """
+    k = probs.shape[1] - 1
+    scores = probs[:, :k].flatten()
+    top = scores.topk(min(topk, scores.numel()), sorted=True)
+    labels = top.indices % k
+    query = top.indices // k
+    thing = torch.as_tensor(isthing, dtype=torch.bool, device=probs.device)[labels]
+    labels, query, cls_scores = labels[thing], query[thing], top.values[thing]
+    m = masks[query]
+    binary = m > 0
+    mask_scores = (m.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+    return {"masks": binary, "labels": labels, "scores": cls_scores * mask_scores}
 
 
 def panoptic_inference(
-    logits: Tensor,
+    probs: Tensor,
     masks: Tensor,
     isthing: list[bool] | Tensor,
     object_mask_threshold: float = 0.0,
     overlap_threshold: float = 0.8,
 ) -> tuple[Tensor, list[dict]]:
-    """One image: logits (Q, K + 1), mask logits (Q, H, W) -> (panoptic ids (H, W) int32, segments_info).
+    """One image: class probabilities (Q, K + 1), mask logits (Q, H, W) -> (ids (H, W) int32, segments_info).
 
     PARITY with Mask2Former / ODISE (object_mask_threshold 0.0, overlap_threshold 0.8): drop
     no-object queries and those below the score threshold; each pixel goes to the query with the
@@ -26,8 +48,8 @@ def panoptic_inference(
     and when it keeps at least ``overlap_threshold`` of its mask; stuff segments of one class merge.
     segments_info: ``{"id", "category_id" (contiguous), "isthing", "score"}``; id 0 is unassigned.
     """
-    num_classes = logits.shape[-1] - 1
-    scores, labels = logits.softmax(-1).max(-1)
+    num_classes = probs.shape[-1] - 1
+    scores, labels = probs.max(-1)
     keep = labels.ne(num_classes) & (scores > object_mask_threshold)
     probs = masks.sigmoid()
     h, w = masks.shape[-2:]

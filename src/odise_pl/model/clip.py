@@ -89,3 +89,34 @@ class FrozenCLIP(nn.Module):
             out[k, s] = emb[i]
             valid[k, s] = True
         return out, valid
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """CLIP's own learned temperature (exp, ~100 for OpenAI weights)."""
+        return self.model.logit_scale.exp().clamp(max=100)
+
+    @torch.no_grad()
+    def dense_features(self, images: Tensor) -> Tensor:
+        """images: (B, 3, H, W) in [0, 1] -> (B, D, g, g) projected patch tokens of the last block.
+
+        For the CLIP opinion at test time (Eq. 9): the ViT's patch tokens after its final
+        LayerNorm, through its projection into the joint space. ViT towers only.
+        """
+        visual = self.model.visual
+        if not hasattr(visual, "output_tokens") or getattr(visual, "proj", None) is None:
+            raise NotImplementedError(
+                f"dense CLIP features need an open_clip ViT image tower; {type(visual).__name__} has none. "
+                "Use a ViT CLIP (e.g. ViT-L-14-336) or turn the CLIP opinion off (model.open_vocab.mode=diffusion)"
+            )
+        before = visual.output_tokens
+        visual.output_tokens = True
+        try:
+            _, tokens = visual(self.preprocess(images))
+        finally:
+            visual.output_tokens = before
+        if getattr(visual, "final_ln_after_pool", False):
+            tokens = visual.ln_post(tokens)
+        tokens = tokens @ visual.proj  # (B, g*g, D)
+        b, n, d = tokens.shape
+        g = int(round(n**0.5))
+        return tokens.transpose(1, 2).reshape(b, d, g, n // g)

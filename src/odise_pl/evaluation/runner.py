@@ -1,0 +1,85 @@
+"""Feeding one forward's predictions to all three evaluators (PQ, mIoU, mask AP) at once."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from odise_pl.evaluation.instance import InstanceEvaluator
+from odise_pl.evaluation.panoptic_quality import PanopticEvaluator
+from odise_pl.evaluation.semantic import SemanticEvaluator
+
+
+def make_evaluators(
+    vocabulary: list[list[str]], isthing: list[bool], tasks=("panoptic", "semantic", "instance")
+) -> dict:
+    """Evaluators over contiguous category ids 0..K-1."""
+    cats = [{"id": k, "name": v[0], "isthing": int(t)} for k, (v, t) in enumerate(zip(vocabulary, isthing))]
+    out = {}
+    if "panoptic" in tasks:
+        out["panoptic"] = PanopticEvaluator(cats)
+    if "semantic" in tasks:
+        out["semantic"] = SemanticEvaluator(len(cats))
+    if "instance" in tasks and any(isthing):
+        out["instance"] = InstanceEvaluator([c for c in cats if c["isthing"]])
+    return out
+
+
+def update_evaluators(evaluators: dict, pred: dict, target: dict, meta: dict) -> None:
+    """pred: a :class:`~odise_pl.inference.predictor.Predictor` result; target: ``masks (N, H, W)`` at
+    the original size, ``labels``, ``iscrowd``; meta: ``image_id``, ``height``, ``width``.
+    """
+    h, w = meta["height"], meta["width"]
+    masks = target["masks"][:, :h, :w].cpu().numpy().astype(bool)
+    labels = target["labels"].cpu().numpy()
+    crowd = target["iscrowd"].cpu().numpy().astype(bool)
+    if "panoptic" in evaluators and "panoptic" in pred:
+        gt_ids = np.zeros((h, w), dtype=np.uint32)
+        gt_segs = []
+        for j, (m, lab, c) in enumerate(zip(masks, labels, crowd)):
+            gt_ids[m] = j + 1
+            gt_segs.append({"id": j + 1, "category_id": int(lab), "iscrowd": int(c), "area": int(m.sum())})
+        ids, segs = pred["panoptic"]
+        evaluators["panoptic"].update(
+            gt_ids,
+            gt_segs,
+            ids.cpu().numpy().astype(np.uint32),
+            [{"id": s["id"], "category_id": s["category_id"]} for s in segs],
+            image=str(meta.get("image_id", "")),
+        )
+    if "semantic" in evaluators and "semantic" in pred:
+        gt = np.full((h, w), 255, dtype=np.int64)
+        for m, lab in zip(masks, labels):
+            gt[m] = lab
+        evaluators["semantic"].update(pred["semantic"].argmax(0).cpu(), torch.from_numpy(gt))
+    if "instance" in evaluators and "instances" in pred:
+        inst = pred["instances"]
+        evaluators["instance"].update(
+            meta.get("image_id", 0),
+            masks,
+            labels,
+            crowd,
+            inst["masks"].cpu().numpy(),
+            inst["labels"].cpu().numpy(),
+            inst["scores"].cpu().numpy(),
+        )
+
+
+def compute_evaluators(evaluators: dict) -> dict[str, float]:
+    """Synchronise across processes and compute: pq, sq, rq (+ _th, _st), miou, ap, ap50 (in %)."""
+    out: dict[str, float] = {}
+    if "panoptic" in evaluators:
+        ev = evaluators["panoptic"]
+        ev.sync()
+        r = ev.compute()
+        for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+            for m in ("pq", "sq", "rq"):
+                out[m + suffix] = 100 * r[group][m]
+    if "semantic" in evaluators:
+        evaluators["semantic"].sync()
+        out["miou"] = evaluators["semantic"].compute()["miou"]
+    if "instance" in evaluators:
+        evaluators["instance"].sync()
+        r = evaluators["instance"].compute()
+        out["ap"], out["ap50"] = r["ap"], r["ap50"]
+    return out
