@@ -1,0 +1,159 @@
+"""Evaluate a trained ODISE: ``python -m odise_pl.eval ckpt_path=PATH [datasets=[ade150,coco]]``.
+
+For each dataset: open-vocabulary inference with its vocabulary, then PQ / mIoU / mask AP (per the
+dataset's tasks); prints a Markdown table with the paper's numbers (Tables 1-2) beside ours and
+writes ``results.md`` and ``results.json`` to the run folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from odise_pl.checkpoint import load_trainable
+from odise_pl.data.transforms import ResizeShortestEdge
+from odise_pl.data.vocab import Vocabulary, dataset_vocab
+from odise_pl.datamodule import collate
+from odise_pl.evaluation.runner import compute_evaluators, make_evaluators, update_evaluators
+from odise_pl.inference.predictor import Predictor
+from odise_pl.train import CONFIG_DIR
+
+COLUMNS = (("pq", "PQ"), ("pq_th", "PQ th"), ("pq_st", "PQ st"), ("ap", "AP"), ("miou", "mIoU"))
+
+
+def dataset_vocabulary(entry: DictConfig, dataset) -> Vocabulary:
+    """The vocabulary of an evaluation dataset, aligned with its contiguous category order."""
+    if entry.get("vocabulary") is None:
+        return Vocabulary([[n] for n in dataset.class_names], isthing=list(dataset.isthing))
+    vocab = dataset_vocab(entry.vocabulary)
+    if hasattr(dataset, "categories"):  # panoptic: categories sorted by id <-> vocabulary sorted by id
+        if len(dataset.categories) != len(vocab):
+            raise ValueError(
+                f"{entry.title}: the dataset has {len(dataset.categories)} categories, vocabulary "
+                f"{entry.vocabulary!r} {len(vocab)}; they must describe the same classes"
+            )
+        order = sorted(range(len(vocab)), key=lambda k: vocab.ids[k])
+        vocab = Vocabulary(
+            [vocab.names[k] for k in order],
+            [vocab.ids[k] for k in order],
+            list(dataset.isthing),
+            strict=False,
+        )
+    else:  # semantic: label k <-> k-th vocabulary entry
+        dataset.num_classes = len(vocab)
+        dataset.isthing = list(vocab.isthing)
+    return vocab
+
+
+def evaluate_dataset(
+    predictor: Predictor,
+    entry: DictConfig,
+    device,
+    max_images: int | None,
+    divisibility: int,
+    train_vocab: list[list[str]] | None = None,
+) -> dict:
+    """Run one dataset entry of ``conf/datasets``; returns metrics in %.
+
+    Seen categories (Eq. 10) are ``train_vocab``'s; without one, a dataset evaluated with its own
+    category names (vocabulary null, e.g. the training set's val split) counts as all seen.
+    """
+    transform = ResizeShortestEdge(entry.short_edge, entry.max_size)
+    dataset = hydra.utils.instantiate(entry.dataset, transform=transform)
+    vocab = dataset_vocabulary(entry, dataset)
+    predictor.train_vocabulary = (
+        train_vocab if train_vocab is not None else (vocab.names if entry.get("vocabulary") is None else None)
+    )
+    if max_images:
+        dataset.items = dataset.items[:max_images]
+    evaluators = make_evaluators(vocab.names, vocab.isthing, tuple(entry.tasks))
+    loader = DataLoader(
+        dataset,
+        batch_size=1,
+        num_workers=2,
+        collate_fn=functools.partial(collate, size_divisibility=divisibility),
+    )
+    for batch in tqdm(loader, desc=entry.title, leave=False):
+        images = batch["images"].to(device)
+        preds = predictor(images, batch["meta"], vocab.names, vocab.isthing, tasks=tuple(entry.tasks))
+        for p, t, m in zip(preds, batch["targets"], batch["meta"]):
+            update_evaluators(evaluators, p, t, m)
+    return compute_evaluators(evaluators)
+
+
+def results_table(results: dict, papers: dict, supervision: str) -> str:
+    """Markdown: one row per dataset, ours (paper) per metric."""
+    head = "| dataset | " + " | ".join(name for _, name in COLUMNS) + " |"
+    lines = [head, "|" + " --- |" * (len(COLUMNS) + 1)]
+    for title, metrics in results.items():
+        paper = papers.get(title, {}).get(supervision, {}) or {}
+        cells = []
+        for key, _ in COLUMNS:
+            if key not in metrics:
+                cells.append("")
+                continue
+            cell = f"{metrics[key]:.1f}"
+            if key in paper:
+                cell += f" ({paper[key]:.1f})"
+            cells.append(cell)
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    lines.append(f"\nours (paper, {supervision} supervision: Tables 1-2)")
+    return "\n".join(lines)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Build the model from ``cfg``, load the checkpoint, evaluate every dataset."""
+    torch.manual_seed(cfg.seed)
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
+    module = hydra.utils.instantiate(cfg.model)
+    if cfg.ckpt_path:
+        load_trainable(module.net, cfg.ckpt_path)
+    net = module.net.to(device).eval()
+    train_vocab = dataset_vocab(cfg.train_vocabulary).names if cfg.get("train_vocabulary") else None
+    predictor = Predictor(
+        net,
+        mode=module.open_vocab_mode,
+        alpha=module.ensemble_alpha,
+        beta=module.ensemble_beta,
+        train_vocabulary=train_vocab,
+        object_mask_threshold=module.object_mask_threshold,
+        overlap_threshold=module.overlap_threshold,
+        topk=module.instance_topk,
+    )
+    results, papers = {}, {}
+    for entry in cfg.datasets.values():
+        results[entry.title] = evaluate_dataset(
+            predictor, entry, device, cfg.get("max_images"), net.size_divisibility, train_vocab
+        )
+        papers[entry.title] = OmegaConf.to_container(entry.paper, resolve=True)
+    table = results_table(results, papers, module.supervision)
+    print(table)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(
+        json.dumps({"results": results, "paper": papers, "ckpt_path": cfg.ckpt_path}, indent=2, default=float)
+    )
+    print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
