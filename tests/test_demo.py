@@ -1,0 +1,66 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from odise_pl.data.coco_panoptic import rgb_to_ids
+from odise_pl.demo import main
+
+
+@pytest.fixture()
+def image(tmp_path):
+    p = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 120, 3), dtype=np.uint8)).save(p)
+    return p
+
+
+def test_demo_writes_overlay_panoptic_png_and_json(image, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "--image",
+                str(image),
+                "--vocab",
+                "cat;dog,puppy;grass",
+                "--dataset-vocab",
+                "voc21",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert (out / "img_overlay.png").is_file()
+    ids = rgb_to_ids(np.asarray(Image.open(out / "img_panoptic.png")))
+    info = json.load(open(out / "img_panoptic.json"))
+    assert ids.shape == (96, 120)
+    assert {s["id"] for s in info["segments_info"]} == set(np.unique(ids).tolist()) - {0}
+    assert info["categories"][1]["synonyms"] == ["dog", "puppy"]
+    assert "segments (" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image", "missing.jpg", "--vocab", "cat"], "image not found"),
+        (["--vocab", "; ;"], "no category names"),
+        (["--vocab", "cat;dog;cat"], "names two categories"),
+        (["--vocab-file", "missing.txt"], "vocabulary file not found"),
+        (["--dataset-vocab", "imagenet"], "unknown dataset vocabulary"),
+        (["--vocab", "cat", "--checkpoint", "missing.ckpt"], "checkpoint not found"),
+    ],
+)
+def test_demo_bad_input_exits_2_with_a_message(image, tmp_path, capsys, args, message):
+    if "--image" not in args:
+        args = ["--image", str(image), *args]
+    assert main([*args, "--output", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_not_an_image(tmp_path, capsys):
+    bad = tmp_path / "text.jpg"
+    bad.write_text("hello")
+    assert main(["--image", str(bad), "--vocab", "cat", "--output", str(tmp_path / "o")]) == 2
+    assert "cannot decode image" in capsys.readouterr().err
