@@ -38,6 +38,9 @@ test-slow: setup ## run the slow tests too (full-size random-weight models; minu
 smoke-full: setup ## full-size caption_512 with random weights, 2 training steps on CPU
 	$(PY) -m pytest -q -m slow tests/test_smoke_full.py $(ARGS)
 
+bench: setup ## benchmarks: ours vs a baseline measured in the same run (prints ratios)
+	$(PY) benchmarks/bench_pq.py
+
 lint: setup ## ruff lint + format check
 	$(VENV)/bin/ruff check src tests scripts benchmarks
 	$(VENV)/bin/ruff format --check src tests scripts benchmarks
@@ -49,4 +52,4 @@ format: setup ## apply ruff formatting and fixes
 clean: ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun logs lightning_logs .pytest_cache
 
-.PHONY: help setup data train test test-slow smoke-full lint format clean
+.PHONY: help setup data train test test-slow smoke-full bench lint format clean
