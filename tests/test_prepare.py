@@ -1,0 +1,135 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+from scipy.io import savemat
+
+from odise_pl.data.coco_panoptic import COCOPanopticDataset, DatasetError
+from odise_pl.data.prepare import (
+    ade_thing_mapping,
+    prepare_ade20k,
+    prepare_pascal_context,
+    prepare_pascal_voc,
+)
+from odise_pl.data.semantic import SemanticSegDataset
+from odise_pl.data.vocab import dataset_vocab
+from odise_pl.eval import dataset_vocabulary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_ade(root: Path, n=2):
+    rng = np.random.default_rng(0)
+    mapping = ade_thing_mapping()
+    inst_cls = sorted(mapping)[:2]  # two Instance100 classes
+    thing_sem = [mapping[c] for c in inst_cls]
+    stuff_sem = [c for c in range(1, 151) if c not in set(mapping.values())][:2]
+    for d in ("images/validation", "annotations/validation", "annotations_instance/validation"):
+        (root / d).mkdir(parents=True)
+    truth = {}
+    for k in range(n):
+        name = f"ADE_val_{k:08d}"
+        sem = np.zeros((40, 60), np.uint8)
+        sem[:20] = stuff_sem[0]
+        sem[20:] = stuff_sem[1]
+        inst = np.zeros((40, 60, 3), np.uint8)
+        inst[5:15, 5:20, 0], inst[5:15, 5:20, 1] = inst_cls[0], 1
+        inst[25:35, 30:50, 0], inst[25:35, 30:50, 1] = inst_cls[1], 1
+        inst[25:35, 5:15, 0], inst[25:35, 5:15, 1] = inst_cls[1], 2  # a second instance of the class
+        sem[5:15, 5:20], sem[25:35, 30:50], sem[25:35, 5:15] = thing_sem[0], thing_sem[1], thing_sem[1]
+        sem[0:3, 0:3] = 0  # "other": void
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(
+            root / "images/validation" / f"{name}.jpg"
+        )
+        Image.fromarray(sem).save(root / "annotations/validation" / f"{name}.png")
+        Image.fromarray(inst).save(root / "annotations_instance/validation" / f"{name}.png")
+        truth[name] = (sem, inst)
+    return truth, thing_sem, stuff_sem
+
+
+def test_ade20k_panoptic_and_semantic(tmp_path):
+    truth, thing_sem, stuff_sem = fake_ade(tmp_path)
+    prepare_ade20k(tmp_path)
+    entry = OmegaConf.load(ROOT / "conf/datasets/ade150.yaml").ade150
+    ds = COCOPanopticDataset(
+        root=str(tmp_path),
+        split="val",
+        captions=False,
+        image_dir=entry.dataset.image_dir,
+        panoptic_json=entry.dataset.panoptic_json,
+        panoptic_dir=entry.dataset.panoptic_dir,
+    )
+    vocab = dataset_vocabulary(entry, ds)
+    assert len(vocab) == 150 and vocab.names == dataset_vocab("ade150").names
+    item = ds[0]
+    sem, inst = truth["ADE_val_00000000"]
+    got = {
+        (int(lab), bool(t)): m.numpy() for m, lab, t in zip(item["masks"], item["labels"], item["isthing"])
+    }
+    assert sum(item["isthing"].tolist()) == 3  # 3 instances, 2 of the same class
+    assert np.array_equal(got[(stuff_sem[0] - 1, False)], (sem == stuff_sem[0]))
+    thing_masks = [m.numpy() for m, t in zip(item["masks"], item["isthing"]) if t]
+    expected = [
+        (inst[..., 0] == c) & (inst[..., 1] == i)
+        for c, i in {(int(a), int(b)) for a, b in inst[inst[..., 0] > 0][:, :2]}
+    ]
+    assert sorted(int(m.sum()) for m in thing_masks) == sorted(int(m.sum()) for m in expected)
+    d2 = np.asarray(Image.open(tmp_path / "annotations_detectron2/validation/ADE_val_00000000.png"))
+    assert np.array_equal(d2, np.where(sem == 0, 255, sem.astype(np.int64) - 1))
+
+
+def test_pascal_voc(tmp_path):
+    voc = tmp_path / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / d).mkdir(parents=True)
+    (voc / "ImageSets/Segmentation/val.txt").write_text("2007_000001\n")
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(voc / "JPEGImages/2007_000001.jpg")
+    lab = np.zeros((10, 12), np.uint8)
+    lab[2:6, 3:9], lab[6] = 15, 255
+    im = Image.fromarray(lab, mode="P")
+    im.putpalette([v for k in range(256) for v in (k, 255 - k, (7 * k) % 256)])
+    im.save(voc / "SegmentationClass/2007_000001.png")
+    out = prepare_pascal_voc(voc, tmp_path / "d2")
+    ds = SemanticSegDataset(
+        root=str(out), image_dir="images/validation", label_dir="annotations_pascal21/validation"
+    )
+    item = ds[0]
+    assert item["labels"].tolist() == [0, 15]
+    assert np.array_equal(item["masks"][1].numpy(), lab == 15)
+    with pytest.raises(DatasetError, match="split list"):
+        prepare_pascal_voc(tmp_path / "nope", tmp_path / "d3")
+
+
+def test_pascal_context_459_and_59(tmp_path):
+    voc = tmp_path / "VOC2010"
+    (voc / "JPEGImages").mkdir(parents=True)
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(voc / "JPEGImages/2008_000002.jpg")
+    full = dataset_vocab("pc459")
+    table = full.ids[[n[0] for n in full.names].index("table")]
+    accordion = full.ids[[n[0] for n in full.names].index("accordion")]
+    lab = np.zeros((8, 8), np.uint16)
+    lab[:4], lab[4:6] = table, accordion  # table is one of the 59 ("diningtable"), accordion is not
+    savemat(tmp_path / "labels/2008_000002.mat", {"LabelMap": lab})
+    split = tmp_path / "val.txt"
+    split.write_text("2008_000002\n")
+    out = prepare_pascal_context(voc, tmp_path / "labels", tmp_path / "ctx", split)
+    t459 = np.asarray(Image.open(out / "annotations_ctx459/validation/2008_000002.tif"))
+    assert t459[0, 0] == table - 1 and t459[4, 0] == accordion - 1 and t459[7, 0] == 65535
+    p59 = np.asarray(Image.open(out / "annotations_ctx59/validation/2008_000002.png"))
+    diningtable = [n[0] for n in dataset_vocab("pc59").names].index("diningtable")
+    assert p59[0, 0] == diningtable and p59[4, 0] == 255 and p59[7, 0] == 255
+
+
+@pytest.mark.parametrize(
+    "script", ["prepare_ade20k.py", "prepare_pascal_voc.py", "prepare_pascal_context.py"]
+)
+def test_scripts_have_help(script):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "usage" in out.stdout
