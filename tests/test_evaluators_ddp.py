@@ -19,11 +19,17 @@ def _images(n=6):
         masks = torch.from_numpy(np.stack([gt == c for c in range(3)]))
         noisy = np.where(rng.random(gt.shape) < 0.8, gt, rng.integers(0, 3, gt.shape))
         ids = torch.from_numpy(noisy + 1).int()
-        segs = [{"id": c + 1, "category_id": c, "isthing": ISTHING[c], "score": 0.9} for c in range(3)
-                if (noisy == c).any()]
+        segs = [
+            {"id": c + 1, "category_id": c, "isthing": ISTHING[c], "score": 0.9}
+            for c in range(3)
+            if (noisy == c).any()
+        ]
         sem = torch.from_numpy(np.stack([noisy == c for c in range(3)]).astype(np.float32))
-        inst = {"masks": torch.from_numpy(np.stack([noisy == c for c in (0, 1)])), "labels": torch.tensor([0, 1]),
-                "scores": torch.tensor([0.9, 0.8])}
+        inst = {
+            "masks": torch.from_numpy(np.stack([noisy == c for c in (0, 1)])),
+            "labels": torch.tensor([0, 1]),
+            "scores": torch.tensor([0.9, 0.8]),
+        }
         pred = {"panoptic": (ids, segs), "semantic": sem, "instances": inst}
         tgt = {"masks": masks, "labels": torch.arange(3), "iscrowd": torch.zeros(3, dtype=torch.bool)}
         out.append((pred, tgt, {"image_id": i, "height": 12, "width": 16}))

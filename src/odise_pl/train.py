@@ -16,6 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
+# `${wandb_offline:}`: log offline (sync later) unless the user has a W&B API key.
+if not OmegaConf.has_resolver("wandb_offline"):
+    OmegaConf.register_new_resolver("wandb_offline", lambda: not os.environ.get("WANDB_API_KEY"))
+
 
 def instantiate_dict(cfg: DictConfig | None) -> list:
     """Instantiate every ``_target_`` node of a group like ``callbacks`` / ``logger``."""
