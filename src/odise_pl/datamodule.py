@@ -45,7 +45,13 @@ def collate(items: list[dict], size_divisibility: int = 64) -> dict:
             m = padded
         # else (evaluation): ground truth stays at the original resolution, predictions are resized to it
         targets.append(
-            {"masks": m, "labels": it["labels"], "isthing": it["isthing"], "iscrowd": it["iscrowd"]}
+            {
+                "masks": m,
+                "labels": it["labels"],
+                "isthing": it["isthing"],
+                "iscrowd": it["iscrowd"],
+                "seed": it.get("seed"),
+            }
         )
     batch = {
         "images": images,
@@ -169,8 +175,12 @@ class ODISEDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        # Each process takes images rank, rank + world, ...: every image is evaluated exactly once
+        # (a DistributedSampler would pad with repeats, which the evaluators would count twice).
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        subset = torch.utils.data.Subset(self.val_set, list(range(rank, len(self.val_set), world)))
         return DataLoader(
-            self.val_set,
+            subset,
             batch_size=self.val_batch_size,
             shuffle=False,
             num_workers=self.num_workers,

@@ -81,6 +81,7 @@ class SeededDataset(Dataset):
             item = self.dataset[index]
             caps = item.get("captions") or []
             item["caption"] = random.choice(caps) if caps else ""
+            item["seed"] = seed  # also seeds the loss's random point sampling for this sample
             return item
         finally:
             random.setstate(state)

@@ -83,7 +83,7 @@ class SetCriterion(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
 
     def loss_masks(
-        self, outputs: dict, targets: list[dict], indices, num_masks: float
+        self, outputs: dict, targets: list[dict], indices, num_masks: float, salt: int = 0
     ) -> tuple[Tensor, Tensor]:
         pred = outputs["pred_masks"]
         src = torch.cat([pred[i, s] for i, (s, _) in enumerate(indices)])  # (M, h, w)
@@ -93,8 +93,12 @@ class SetCriterion(nn.Module):
         tgt = torch.cat([t["masks"][j] for t, (_, j) in zip(targets, indices)]).to(src.dtype)  # (M, H, W)
         src, tgt = src[:, None].float(), tgt[:, None].float()
         with torch.no_grad():
+            # One seed per matched mask: its image's sample seed and its target index.
+            seeds = None
+            if all(t.get("seed") is not None for t in targets):
+                seeds = [int(t["seed"]) * 997 + int(j) for t, (_, js) in zip(targets, indices) for j in js]
             coords = uncertain_point_coords(
-                src, self.num_points, self.oversample_ratio, self.importance_ratio
+                src, self.num_points, self.oversample_ratio, self.importance_ratio, seeds, salt
             )
             labels = point_sample(tgt, coords)[:, 0]
         logits = point_sample(src, coords)[:, 0]
@@ -105,11 +109,11 @@ class SetCriterion(nn.Module):
         num_masks = global_num_masks(targets, outputs["pred_masks"].device)
         sets = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
         losses: dict[str, Tensor] = {}
-        for suffix, out in sets:
-            indices = self.matcher(out, targets)
+        for k, (suffix, out) in enumerate(sets):
+            indices = self.matcher(out, targets, salt=k)
             if "pred_logits" in out:
                 losses["loss_ce" + suffix] = self.weights["loss_ce"] * self.loss_labels(out, targets, indices)
-            lm, ld = self.loss_masks(out, targets, indices, num_masks)
+            lm, ld = self.loss_masks(out, targets, indices, num_masks, salt=k)
             losses["loss_mask" + suffix] = self.weights["loss_mask"] * lm
             losses["loss_dice" + suffix] = self.weights["loss_dice"] * ld
         return losses

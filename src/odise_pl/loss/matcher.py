@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from odise_pl.loss.point_sampling import point_sample
+from odise_pl.loss.point_sampling import point_sample, sample_rand
 
 
 def batch_sigmoid_ce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
@@ -61,7 +61,7 @@ class HungarianMatcher(nn.Module):
         )
 
     @torch.no_grad()
-    def cost_matrices(self, outputs: dict, targets: list[dict]) -> Tensor:
+    def cost_matrices(self, outputs: dict, targets: list[dict], salt: int = 0) -> Tensor:
         """(B, Q, N_max) costs; columns beyond an image's N_b are padding."""
         pred = outputs["pred_masks"]
         b, q = pred.shape[:2]
@@ -71,7 +71,8 @@ class HungarianMatcher(nn.Module):
         for i, t in enumerate(targets):
             if len(t["masks"]):
                 tgt[i, : len(t["masks"])] = t["masks"].to(pred.dtype)
-        coords = torch.rand(b, self.num_points, 2, device=pred.device)
+        seeds = [t.get("seed") for t in targets]
+        coords = sample_rand(b, (self.num_points, 2), seeds, 1_000 + salt, pred.device)
         pred_pts = point_sample(pred.float(), coords.float())  # (B, Q, P)
         tgt_pts = point_sample(tgt.float(), coords.float())  # (B, N, P)
         cost = self.cost_mask * batch_sigmoid_ce_cost(pred_pts, tgt_pts) + self.cost_dice * batch_dice_cost(
@@ -86,8 +87,8 @@ class HungarianMatcher(nn.Module):
         return cost
 
     @torch.no_grad()
-    def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
-        cost = self.cost_matrices(outputs, targets).cpu().numpy()
+    def forward(self, outputs: dict, targets: list[dict], salt: int = 0) -> list[tuple[Tensor, Tensor]]:
+        cost = self.cost_matrices(outputs, targets, salt).cpu().numpy()
         result = []
         for i, t in enumerate(targets):
             n = len(t["masks"])
