@@ -20,6 +20,7 @@ def test_caption_512_two_steps_random_weights(tmp_path):
         "weights.mode=random",
         "trainer.max_steps=2",
         "data.batch_size=1",
+        "data.global_batch_size=null",
         "data.num_workers=0",
         f"data.synthetic={{root: {tmp_path}/syn, num_train: 2, num_val: 1, seed: 0}}",
         f"data.train_dataset.root={tmp_path}/syn",

@@ -163,3 +163,14 @@ def test_stream_is_independent_of_worker_count(tmp_path):
     zero, _ = _run(tmp_path, tmp_path / "w0", 3, workers=0)
     two, _ = _run(tmp_path, tmp_path / "w2", 3, workers=2)
     assert [two[s] for s in (1, 2, 3)] == pytest.approx([zero[s] for s in (1, 2, 3)], rel=1e-6)
+
+
+def test_global_batch_split():
+    from odise_pl.train import split_global_batch
+
+    assert split_global_batch(64, 8, 8) == (8, 1)
+    assert split_global_batch(64, 8, 2) == (8, 4)
+    assert split_global_batch(64, 8, 1) == (8, 8)
+    assert split_global_batch(64, 3, 4) == (2, 8)
+    with pytest.raises(ValueError, match="divisible"):
+        split_global_batch(64, 8, 3)

@@ -112,13 +112,14 @@ class ODISEDataModule(L.LightningDataModule):
         size_divisibility: int = 64,
         synthetic: dict | None = None,
         seed: int = 0,
+        global_batch_size: int | None = None,
     ):
         super().__init__()
         self.train_factory, self.val_factory = train_dataset, val_dataset
         self.train_transform, self.val_transform = train_transform, val_transform
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.k_words, self.size_divisibility, self.synthetic = k_words, size_divisibility, synthetic
-        self.seed = seed
+        self.seed, self.global_batch_size = seed, global_batch_size
         self.train_set = self.val_set = None
 
     def prepare_data(self) -> None:

@@ -6,6 +6,7 @@ loggers and trainer, trains, then validates and prints panoptic quality.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -40,7 +41,24 @@ def build(cfg: DictConfig):
         callbacks=instantiate_dict(cfg.get("callbacks")),
         logger=instantiate_dict(cfg.get("logger")) or False,
     )
+    if datamodule.global_batch_size:
+        datamodule.batch_size, trainer.accumulate_grad_batches = split_global_batch(
+            int(datamodule.global_batch_size), int(datamodule.batch_size), trainer.world_size
+        )
     return datamodule, module, trainer
+
+
+def split_global_batch(global_batch: int, max_per_device: int, world: int) -> tuple[int, int]:
+    """(per-device batch, gradient accumulation) giving exactly ``global_batch`` on ``world`` devices,
+    with at most ``max_per_device`` images per device and step (the paper: 64 = 8 GPUs x 8).
+    """
+    if global_batch % world:
+        raise ValueError(f"data.global_batch_size={global_batch} is not divisible by the {world} devices")
+    per_world = global_batch // world
+    for accumulate in range(1, per_world + 1):
+        if per_world % accumulate == 0 and per_world // accumulate <= max_per_device:
+            return per_world // accumulate, accumulate
+    raise ValueError(f"cannot split data.global_batch_size={global_batch} over {world} devices")
 
 
 def format_metrics(metrics: dict) -> str:
@@ -70,6 +88,10 @@ def train(cfg: DictConfig) -> dict:
     if before:
         print(f"before training: {format_metrics(before)}")
     print(f"after training:  {format_metrics(metrics)}")
+    if trainer.is_global_zero:  # for scripts/collect_runs.py and other tooling
+        out = Path(cfg.paths.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({k: float(v) for k, v in metrics.items()}, indent=1))
     return metrics
 
 

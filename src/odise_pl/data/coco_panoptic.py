@@ -82,6 +82,9 @@ class COCOPanopticDataset(Dataset):
         image_dir, panoptic_json, panoptic_dir, captions_json: override the default paths
             (relative to ``root`` or absolute).
         max_items: only the first N images (debugging, tests).
+        caption_source: ``dataset`` (the captions file), ``heuristic`` ("a photo of" + the names of
+            the categories present: Table 4's heuristic captioner) or a path to a JSON caption file
+            mapping image file names to a caption or a list of captions (e.g. BLIP outputs).
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class COCOPanopticDataset(Dataset):
         panoptic_dir: str | None = None,
         captions_json: str | None = None,
         max_items: int | None = None,
+        caption_source: str = "dataset",
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -135,6 +139,19 @@ class COCOPanopticDataset(Dataset):
 
         self.captions: dict[int, list[str]] = {}
         self.captions_json = self.root / (captions_json or f"annotations/captions_{split}2017.json")
+        self.caption_source = caption_source
+        self.caption_file: dict[str, list[str]] | None = None
+        if caption_source not in ("dataset", "heuristic"):
+            path = Path(caption_source)
+            data = _read_json(
+                path, "caption file", "give a JSON object {image file name: caption or [captions]}"
+            )
+            if not isinstance(data, dict):
+                raise DatasetError(f"caption file {path} must map image file names to captions")
+            self.caption_file = {k: ([v] if isinstance(v, str) else list(v)) for k, v in data.items()}
+            captions = False
+        elif caption_source == "heuristic":
+            captions = False
         if captions:
             cap = _read_json(
                 self.captions_json,
@@ -149,6 +166,18 @@ class COCOPanopticDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def _captions(self, info: dict, labels: list[int]) -> list[str]:
+        if self.caption_source == "heuristic":
+            names = list(dict.fromkeys(self.class_names[k] for k in labels))
+            return ["a photo of " + (", ".join(names) if names else "a scene") + "."]
+        if self.caption_file is not None:
+            if info["file_name"] not in self.caption_file:
+                raise DatasetError(
+                    f"caption file {self.caption_source} has no caption for {info['file_name']}"
+                )
+            return list(self.caption_file[info["file_name"]])
+        return list(self.captions.get(info["id"], []))
 
     def read_panoptic(self, index: int) -> tuple[np.ndarray, list[dict]]:
         """(H, W) int64 segment ids of item ``index`` and its checked segments_info."""
@@ -205,7 +234,9 @@ class COCOPanopticDataset(Dataset):
                 dtype=torch.bool,
             ),
             "iscrowd": torch.tensor([bool(segments[i].get("iscrowd", 0)) for i in keep], dtype=torch.bool),
-            "captions": list(self.captions.get(info["id"], [])),
+            "captions": self._captions(
+                info, [self.cat_to_contiguous[segments[i]["category_id"]] for i in keep]
+            ),
             "image_id": info["id"],
             "file_name": info["file_name"],
             "height": h,

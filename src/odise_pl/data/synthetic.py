@@ -184,6 +184,13 @@ def write_split(
         json.dump({**meta, "images": images, "annotations": annotations, "categories": categories()}, f)
     with open(out / "annotations" / f"captions_{split}2017.json", "w") as f:
         json.dump({**meta, "images": images, "annotations": captions}, f)
+    # An example user caption file (image file name -> caption), as a captioner such as BLIP
+    # would produce; used by the `file` captioner ablation. Both splits share one file.
+    gen = out / "annotations" / "generated_captions.json"
+    existing = json.load(open(gen)) if gen.is_file() else {}
+    existing.update({im["file_name"]: c["caption"] for im, c in zip(images, captions[1::2])})
+    with open(gen, "w") as f:
+        json.dump(existing, f)
     return maps
 
 

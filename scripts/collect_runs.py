@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Collect a Hydra multirun (e.g. `-m ablation=captioner`) into one table, like the paper's Tables 3-4.
+
+    python scripts/collect_runs.py multirun/train/2026-11-25_10-00-00 [--markdown out.md]
+
+Reads each run's `.hydra/overrides.yaml` and `metrics.json` (written at the end of training);
+a row per run, named by the overrides that differ between runs.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+COLUMNS = (
+    ("val/pq", "PQ"),
+    ("val/pq_th", "PQ th"),
+    ("val/pq_st", "PQ st"),
+    ("val/ap", "AP"),
+    ("val/miou", "mIoU"),
+)
+
+
+def collect(sweep_dir: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+    runs = []
+    for run in sorted(sweep_dir.iterdir(), key=lambda p: (len(p.name), p.name)):
+        over = run / ".hydra" / "overrides.yaml"
+        if not over.is_file():
+            continue
+        overrides = yaml.safe_load(over.read_text()) or []
+        metrics_file = run / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+        runs.append((overrides, metrics))
+    if not runs:
+        raise SystemExit(f"error: no runs (folders with .hydra/overrides.yaml) in {sweep_dir}")
+    common = set(runs[0][0]).intersection(*(set(o) for o, _ in runs))
+    rows = [(", ".join(o for o in overrides if o not in common) or "(base)", m) for overrides, m in runs]
+    return sorted(common), rows
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    lines = ["| run | " + " | ".join(n for _, n in COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
+    for name, m in rows:
+        cells = (
+            ["(failed: no metrics.json)"] + [""] * (len(COLUMNS) - 1)
+            if m is None
+            else [f"{m[k]:.1f}" if k in m else "" for k, _ in COLUMNS]
+        )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep_dir", type=Path)
+    p.add_argument("--markdown", type=Path, help="also write the table here")
+    a = p.parse_args(argv)
+    if not a.sweep_dir.is_dir():
+        print(f"error: not a folder: {a.sweep_dir}", file=sys.stderr)
+        return 2
+    common, rows = collect(a.sweep_dir)
+    text = table(rows) + (f"\n\ncommon to all runs: {', '.join(common)}" if common else "")
+    print(text)
+    if a.markdown:
+        a.markdown.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
