@@ -33,3 +33,33 @@ def test_caption_512_two_steps_random_weights(tmp_path):
     assert abs(trainable - PAPER_TRAINABLE) / PAPER_TRAINABLE < 0.10
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 2
+
+
+def test_caption_512_checkpoint_is_small_and_resumes(tmp_path):
+    import glob
+    import os
+
+    from odise_pl.train import build
+
+    from test_train import cfg_for
+
+    common = [
+        "experiment=caption_512",
+        "weights.mode=random",
+        "data.batch_size=1",
+        "data.global_batch_size=null",
+        "data.num_workers=0",
+        f"data.synthetic={{root: {tmp_path}/syn, num_train: 2, num_val: 1, seed: 0}}",
+        f"data.train_dataset.root={tmp_path}/syn",
+        "logger=csv",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+    ]
+    datamodule, module, trainer = build(cfg_for(tmp_path, *common, "trainer.max_steps=1", fast=False))
+    trainer.fit(module, datamodule=datamodule)
+    ckpt = sorted(glob.glob(f"{tmp_path}/out/checkpoints/last*.ckpt"))[-1]
+    size = os.path.getsize(ckpt)
+    print(f"full-size trainable-only checkpoint: {size / 1e6:.0f} MB")
+    assert size < 500e6
+    datamodule, module, trainer = build(cfg_for(tmp_path, *common, "trainer.max_steps=2", fast=False))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    assert trainer.global_step == 2
