@@ -3,7 +3,8 @@
 
     python scripts/collect_runs.py multirun/train/2026-11-25_10-00-00 [--markdown out.md]
 
-Reads each run's `.hydra/overrides.yaml` and `metrics.json` (written at the end of training);
+Reads each run's `.hydra/overrides.yaml` and `metrics.json` (written at the end of training) or
+`results.json` (written by `python -m odise_pl.eval`, e.g. `-m ablation=ensemble`);
 a row per run, named by the overrides that differ between runs.
 """
 
@@ -14,13 +15,17 @@ from pathlib import Path
 
 import yaml
 
-COLUMNS = (
-    ("val/pq", "PQ"),
-    ("val/pq_th", "PQ th"),
-    ("val/pq_st", "PQ st"),
-    ("val/ap", "AP"),
-    ("val/miou", "mIoU"),
-)
+COLUMNS = (("pq", "PQ"), ("pq_th", "PQ th"), ("pq_st", "PQ st"), ("ap", "AP"), ("miou", "mIoU"))
+
+
+def read_metrics(run: Path) -> dict | None:
+    """A training run's metrics.json, or an evaluation run's results.json (first dataset), keys without 'val/'."""
+    if (run / "metrics.json").is_file():
+        return {k.split("/", 1)[-1]: v for k, v in json.loads((run / "metrics.json").read_text()).items()}
+    if (run / "results.json").is_file():
+        results = json.loads((run / "results.json").read_text())["results"]
+        return next(iter(results.values())) if results else None
+    return None
 
 
 def collect(sweep_dir: Path) -> tuple[list[str], list[tuple[str, dict]]]:
@@ -30,9 +35,7 @@ def collect(sweep_dir: Path) -> tuple[list[str], list[tuple[str, dict]]]:
         if not over.is_file():
             continue
         overrides = yaml.safe_load(over.read_text()) or []
-        metrics_file = run / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-        runs.append((overrides, metrics))
+        runs.append((overrides, read_metrics(run)))
     if not runs:
         raise SystemExit(f"error: no runs (folders with .hydra/overrides.yaml) in {sweep_dir}")
     common = set(runs[0][0]).intersection(*(set(o) for o, _ in runs))
@@ -44,7 +47,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
     lines = ["| run | " + " | ".join(n for _, n in COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
     for name, m in rows:
         cells = (
-            ["(failed: no metrics.json)"] + [""] * (len(COLUMNS) - 1)
+            ["(failed: no metrics)"] + [""] * (len(COLUMNS) - 1)
             if m is None
             else [f"{m[k]:.1f}" if k in m else "" for k, _ in COLUMNS]
         )
