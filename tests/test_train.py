@@ -7,6 +7,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from PIL import Image
 
 from odise_pl.train import CONFIG_DIR, build, train
 
@@ -56,6 +57,11 @@ def test_entry_point_trains_validates_and_saves_trainable_only(tmp_path, capsys)
     assert {"val/pq", "val/pq_th", "val/pq_st", "val/miou", "val/ap"} <= set(metrics)
     out = capsys.readouterr().out
     assert "after training:  PQ " in out and "mIoU " in out and "AP " in out
+    # the resolved config and the code version are logged; sample predictions are rendered
+    hparams = next((tmp_path / "out" / "csv").glob("version_*/hparams.yaml")).read_text()
+    assert "git_commit" in hparams and "supervision: label" in hparams
+    pngs = list((tmp_path / "out" / "visualizations").glob("*.png"))
+    assert pngs and Image.open(pngs[0]).size[0] > 0
     ckpts = sorted(glob.glob(f"{tmp_path}/out/checkpoints/*.ckpt"))
     assert ckpts
     state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)

@@ -144,12 +144,13 @@ class ODISELitModule(L.LightningModule):
             topk=self.instance_topk,
         )
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
         preds = self.predictor(
             batch["images"], batch["meta"], self.vocabulary, self.isthing, batch.get("captions")
         )
         for pred, tgt, meta in zip(preds, batch["targets"], batch["meta"]):
             update_evaluators(self.evaluators, pred, tgt, meta)
+        return {"preds": preds}  # for callbacks (e.g. PanopticVisualizer)
 
     def on_validation_epoch_start(self) -> None:
         for ev in self.evaluators.values():

@@ -74,11 +74,38 @@ def format_metrics(metrics: dict) -> str:
     return "  ".join(parts)
 
 
+def git_commit() -> str:
+    """The code's git commit (``-dirty`` with uncommitted changes), or ``unknown`` outside a checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if sha.returncode != 0:
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def train(cfg: DictConfig) -> dict:
     """Train (and validate) per ``cfg``; returns the final validation metrics."""
     print(OmegaConf.to_yaml(cfg, resolve=True))
     torch.set_float32_matmul_precision("high")
     datamodule, module, trainer = build(cfg)
+    # The resolved config and the code version, with every run.
+    hparams = {"config": OmegaConf.to_container(cfg, resolve=True), "git_commit": git_commit()}
+    for logger in trainer.loggers:
+        logger.log_hyperparams(hparams)
     before = {}
     if cfg.get("validate_before_training"):
         before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
