@@ -25,6 +25,7 @@ def test_caption_512_two_steps_random_weights(tmp_path):
         f"data.synthetic={{root: {tmp_path}/syn, num_train: 2, num_val: 1, seed: 0}}",
         f"data.train_dataset.root={tmp_path}/syn",
         "trainer.enable_model_summary=true",
+        "logger=csv",
         fast=False,
     )
     datamodule, module, trainer = build(cfg)
