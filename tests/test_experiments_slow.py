@@ -1,4 +1,4 @@
-"""Every experiment config runs one training step on the synthetic data with `random` (full-size)
+"""Every paper experiment config runs one training step on the synthetic data with `random` (full-size)
 weights, as one Hydra multirun over `experiment=glob(*)` (slow: minutes per experiment on CPU)."""
 
 import subprocess
@@ -16,7 +16,7 @@ def test_every_experiment_one_step(tmp_path):
         "-m",
         "odise_pl.train",
         "-m",
-        "experiment=glob(*)",
+        "experiment=glob(*,exclude=tiny)",
         "weights.mode=random",
         "trainer.max_steps=1",
         "trainer.val_check_interval=1000",
@@ -32,4 +32,4 @@ def test_every_experiment_one_step(tmp_path):
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("after training:") >= 5  # tiny, caption/label x 512/1024
+    assert res.stdout.count("after training:") == 4  # caption/label x 512/1024 (tiny is tiny by definition)

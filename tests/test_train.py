@@ -180,3 +180,8 @@ def test_global_batch_split():
     assert split_global_batch(64, 3, 4) == (2, 8)
     with pytest.raises(ValueError, match="divisible"):
         split_global_batch(64, 8, 3)
+
+
+def test_embedding_width_mismatch_is_a_clear_error(tmp_path):
+    with pytest.raises(hydra.errors.InstantiationException, match="embed_dim=32"):
+        build(cfg_for(tmp_path, "model.net.transformer_decoder.embed_dim=64"))

@@ -61,6 +61,13 @@ class ODISE(nn.Module):
         self.pixel_decoder = pixel_decoder
         self.transformer_decoder = transformer_decoder
         self.classifier = classifier(embed_dim=clip.embed_dim)
+        head = getattr(transformer_decoder, "embed_head", None)
+        out_dim = head[-1].layers[-1].out_features if head is not None else clip.embed_dim
+        if out_dim != clip.embed_dim:
+            raise ValueError(
+                f"the mask-embedding head outputs {out_dim} dims but CLIP's embedding has {clip.embed_dim}; "
+                f"set model.net.transformer_decoder.embed_dim={clip.embed_dim}"
+            )
         self.backbone_size = backbone_size
         self.slide_stride = slide_stride or backbone_size
         self.size_divisibility = backbone.size_divisibility
