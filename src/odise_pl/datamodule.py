@@ -69,6 +69,7 @@ def collate(items: list[dict], size_divisibility: int = 64) -> dict:
             for it, s in zip(items, sizes)
         ],
     }
+    batch["bad_samples"] = sum(it.get("bad_samples", 0) for it in items)
     if all("words" in it for it in items):
         batch["words"] = [it["words"] for it in items]
     return batch
@@ -95,7 +96,15 @@ class ODISEDataModule(L.LightningDataModule):
         size_divisibility: pad inputs to a multiple of this (64 for SD).
         synthetic: if set (``{root, num_train, num_val, seed}``), write the synthetic dataset there
             when it does not exist yet (the default experiment runs out of the box).
+        seed: seed of the training stream (order and per-sample augmentation).
+        global_batch_size: if set, ``batch_size`` is the per-device maximum and the entry point
+            derives per-device batch and gradient accumulation from the number of devices.
+        on_bad_sample: ``raise`` (default: stop with the file and the fix) or ``skip`` (train on the
+            next sample instead; the count is reported at the end of training).
 
+    Training is an infinite, deterministic stream (:class:`~odise_pl.data.sampler.InfiniteSampler`),
+    as detectron2 trains: set ``trainer.max_steps`` and an integer ``trainer.val_check_interval``.
+    On resume the stream restarts exactly where the checkpointed step left it.
     """
 
     def __init__(
@@ -113,13 +122,14 @@ class ODISEDataModule(L.LightningDataModule):
         synthetic: dict | None = None,
         seed: int = 0,
         global_batch_size: int | None = None,
+        on_bad_sample: str = "raise",
     ):
         super().__init__()
         self.train_factory, self.val_factory = train_dataset, val_dataset
         self.train_transform, self.val_transform = train_transform, val_transform
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.k_words, self.size_divisibility, self.synthetic = k_words, size_divisibility, synthetic
-        self.seed, self.global_batch_size = seed, global_batch_size
+        self.seed, self.global_batch_size, self.on_bad_sample = seed, global_batch_size, on_bad_sample
         self.train_set = self.val_set = None
 
     def prepare_data(self) -> None:
@@ -163,7 +173,7 @@ class ODISEDataModule(L.LightningDataModule):
         start, rank, world = self._stream_start()
         sampler = InfiniteSampler(len(self.train_set), seed=self.seed, start=start, rank=rank, world=world)
         return DataLoader(
-            SeededDataset(self.train_set),
+            SeededDataset(self.train_set, self.on_bad_sample),
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,

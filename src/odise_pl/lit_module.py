@@ -86,6 +86,7 @@ class ODISELitModule(L.LightningModule):
         self.vocabulary: list[list[str]] | None = None
         self.isthing: list[bool] | None = None
         self.evaluators: dict = {}
+        self.bad_samples = 0  # skipped with data.on_bad_sample=skip, this process
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -120,6 +121,7 @@ class ODISELitModule(L.LightningModule):
         return losses
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        self.bad_samples += int(batch.get("bad_samples", 0))
         losses = self.compute_losses(batch)
         total = sum(losses.values())
         bs = batch["images"].shape[0]
@@ -129,6 +131,15 @@ class ODISELitModule(L.LightningModule):
                 self.log(f"train/{k}", v, batch_size=bs)
         self.log("train/logit_scale", self.net.classifier.scale.detach(), batch_size=bs)
         return total
+
+    def on_train_end(self) -> None:
+        total = torch.tensor(float(self.bad_samples))
+        if self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total.to(self.device), reduce_op="sum").cpu()
+        if self.trainer.is_global_zero and total > 0:
+            print(
+                f"skipped {int(total)} bad training samples (data.on_bad_sample=skip); see the warnings above"
+            )
 
     # -- validation ----------------------------------------------------------------------------
     @property

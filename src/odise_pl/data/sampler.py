@@ -14,6 +14,7 @@ one exactly:
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -67,8 +68,10 @@ class SeededDataset(Dataset):
     ``text`` captioner), under the same seed.
     """
 
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, on_bad_sample: str = "raise", max_tries: int = 20):
+        if on_bad_sample not in ("raise", "skip"):
+            raise ValueError(f"data.on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
+        self.dataset, self.on_bad_sample, self.max_tries = dataset, on_bad_sample, max_tries
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -78,13 +81,29 @@ class SeededDataset(Dataset):
         state = random.getstate()
         random.seed(seed)
         try:
-            item = self.dataset[index]
+            item, skipped = self._load(index)
+            item["bad_samples"] = skipped
             caps = item.get("captions") or []
             item["caption"] = random.choice(caps) if caps else ""
             item["seed"] = seed  # also seeds the loss's random point sampling for this sample
             return item
         finally:
             random.setstate(state)
+
+    def _load(self, index: int) -> tuple[dict, int]:
+        """The item, or with ``skip`` the next loadable one (deterministically), and how many were bad."""
+        from odise_pl.data.coco_panoptic import DatasetError
+
+        for k in range(self.max_tries):
+            try:
+                return self.dataset[(index + k) % len(self.dataset)], k
+            except DatasetError as err:
+                if self.on_bad_sample == "raise":
+                    raise DatasetError(
+                        f"{err} (set data.on_bad_sample=skip to skip and count bad samples)"
+                    ) from err
+                warnings.warn(f"skipping a bad sample: {err}", stacklevel=2)
+        raise DatasetError(f"{self.max_tries} consecutive bad samples from index {index}: check the dataset")
 
     def __getattr__(self, name):
         if name == "dataset":
