@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from odise_pl.weights import safe_torch_load
+
 
 class CheckpointError(RuntimeError):
     """An unreadable or mismatching checkpoint; the message names the file."""
@@ -27,7 +29,7 @@ def read_trainable(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = safe_torch_load(path)
     except Exception as err:  # truncated, not a checkpoint, or holding code objects
         raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None

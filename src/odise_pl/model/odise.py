@@ -6,7 +6,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from odise_pl.model.clip import FrozenCLIP
@@ -158,11 +157,6 @@ class ODISE(nn.Module):
         for out in [outputs, *outputs.get("aux_outputs", [])]:
             out["pred_logits"] = self.classifier(out["mask_embed"], text_embed, valid)
         return outputs
-
-
-def upsample_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, Q, h, w) -> (B, Q, H, W) bilinear, as Mask2Former upsamples predictions."""
-    return F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
 
 
 def to_unit(images: Tensor) -> Tensor:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -154,8 +152,3 @@ class MaskedTransformerDecoder(nn.Module):
             "mask_embed": preds[-1][1],
             "aux_outputs": [{"pred_masks": m, "mask_embed": e} for m, e in preds[:-1]],
         }
-
-
-def init_logit_scale() -> float:
-    """log(1 / 0.07), CLIP's initial temperature."""
-    return math.log(1 / 0.07)
