@@ -80,3 +80,10 @@ def test_pairwise_costs_equal_float64_loops():
                 ref_ce = -(t[b, n] * s.log() + (1 - t[b, n]) * (1 - s).log()).mean()
                 ref_dice = 1 - (2 * (s * t[b, n]).sum() + 1) / (s.sum() + t[b, n].sum() + 1)
                 assert abs(ce[b, q, n] - ref_ce) < 1e-9 and abs(dice[b, q, n] - ref_dice) < 1e-9
+
+
+def test_nan_predictions_do_not_crash_the_solver():
+    matcher = HungarianMatcher(num_points=50)
+    out = {"pred_masks": torch.full((1, 4, 8, 8), float("nan")), "pred_logits": torch.randn(1, 4, 3)}
+    rows, cols = matcher(out, [{"masks": torch.rand(2, 16, 16) > 0.5, "labels": torch.tensor([0, 1])}])[0]
+    assert len(rows) == 2 and sorted(cols.tolist()) == [0, 1]

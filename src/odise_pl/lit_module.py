@@ -7,6 +7,7 @@ post-processing (``inference/``) do.
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable
 
 import lightning as L
@@ -46,7 +47,10 @@ class ODISELitModule(L.LightningModule):
         optimizer: partial of a torch optimiser (AdamW lr 1e-4, wd 0.05), given trainable parameters only.
         warmup_steps, lr_milestones, lr_gamma: warm-up then step schedule (per optimiser step).
         object_mask_threshold, overlap_threshold: panoptic post-processing (0.0 / 0.8).
-
+        open_vocab_mode, ensemble_alpha, ensemble_beta: test-time classification (Eq. 10; ``ensemble``,
+            0.35 on CLIP for seen categories, 0.65 for novel ones; ``diffusion`` / ``clip`` for ablations).
+        instance_topk: instances kept per image.
+        max_nonfinite_steps: a NaN / inf loss skips its step; this many in a row stop training.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class ODISELitModule(L.LightningModule):
         ensemble_alpha: float = 0.35,
         ensemble_beta: float = 0.65,
         instance_topk: int = 100,
+        max_nonfinite_steps: int = 5,
     ):
         super().__init__()
         if supervision not in ("label", "caption"):
@@ -87,6 +92,8 @@ class ODISELitModule(L.LightningModule):
         self.isthing: list[bool] | None = None
         self.evaluators: dict = {}
         self.bad_samples = 0  # skipped with data.on_bad_sample=skip, this process
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_in_a_row = self.nonfinite_total = 0
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -125,12 +132,38 @@ class ODISELitModule(L.LightningModule):
         losses = self.compute_losses(batch)
         total = sum(losses.values())
         bs = batch["images"].shape[0]
+        nonfinite = not bool(torch.isfinite(total.detach()))
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # Every process must skip together, or DDP's gradient all-reduce would hang.
+            nonfinite = self.trainer.strategy.reduce_boolean_decision(nonfinite, all=False)
+        if nonfinite:
+            return self._skip_nonfinite(losses, bs)
+        self.nonfinite_in_a_row = 0
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         for k, v in losses.items():
             if not k.rsplit("_", 1)[-1].isdigit():  # final-set terms only; aux sets are in train/loss
                 self.log(f"train/{k}", v, batch_size=bs)
         self.log("train/logit_scale", self.net.classifier.scale.detach(), batch_size=bs)
         return total
+
+    def _skip_nonfinite(self, losses: dict[str, Tensor], bs: int) -> None:
+        """A NaN / inf loss: skip this step (returning None: no backward, no update; Lightning still
+        counts the step), log it, stop after too many in a row.
+        """
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        bad = [k for k, v in losses.items() if not torch.isfinite(v.detach())]
+        warnings.warn(
+            f"step {self.global_step}: non-finite loss terms {bad[:6]}; the step is skipped", stacklevel=2
+        )
+        self.log("train/nonfinite_steps", float(self.nonfinite_total), batch_size=bs)
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row (terms {bad[:6]}) at step {self.global_step}: "
+                "training stopped. Resume from the last checkpoint with a lower learning rate "
+                "(model.optimizer.lr) or check the data; model.max_nonfinite_steps sets the limit."
+            )
+        return None
 
     def on_train_end(self) -> None:
         total = torch.tensor(float(self.bad_samples))

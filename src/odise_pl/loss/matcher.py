@@ -89,6 +89,9 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict], salt: int = 0) -> list[tuple[Tensor, Tensor]]:
         cost = self.cost_matrices(outputs, targets, salt).cpu().numpy()
+        # NaN / inf predictions (a diverging step) must not crash the solver: the loss of such a
+        # step is non-finite too and the step is skipped by the LightningModule.
+        cost = np.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
         result = []
         for i, t in enumerate(targets):
             n = len(t["masks"])
