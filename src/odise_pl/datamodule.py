@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from odise_pl.data.nouns import SampleWords
 from odise_pl.data.sampler import InfiniteSampler, SeededDataset
-from odise_pl.data.transforms import pad_to_divisible
+from odise_pl.data.transforms import pad_to_divisible, select_segments
 
 
 class Compose:
@@ -77,10 +77,7 @@ def collate(items: list[dict], size_divisibility: int = 64) -> dict:
 
 def _drop_crowd(item: dict) -> dict:
     # PARITY with Mask2Former's COCO panoptic mapper: crowd regions are not training targets.
-    keep = ~item["iscrowd"]
-    for k in ("masks", "labels", "isthing", "iscrowd"):
-        item[k] = item[k][keep]
-    return item
+    return select_segments(item, ~item["iscrowd"])
 
 
 class ODISEDataModule(L.LightningDataModule):

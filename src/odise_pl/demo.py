@@ -96,8 +96,6 @@ def load_model(experiment: str, checkpoint: str | None, overrides: list[str]):
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Segment ``args.image``; returns the segment list."""
-    from odise_pl.inference.predictor import Predictor
-
     vocab = build_vocabulary(args.vocab, args.vocab_file, args.dataset_vocab)
     image = load_image(args.image)
     module, cfg = load_model(args.experiment, args.checkpoint, args.override)
@@ -107,13 +105,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     h, w = image.shape[:2]
     item = resize({"image": torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)})
     images, sizes = pad_to_divisible([item["image"]], net.size_divisibility)
-    predictor = Predictor(
-        net,
-        mode=args.mode or module.open_vocab_mode,
-        alpha=module.ensemble_alpha,
-        beta=module.ensemble_beta,
-        train_vocabulary=None,
-    )
+    predictor = module.make_predictor(train_vocabulary=None, mode=args.mode)
     pred = predictor(
         images,
         [{"input_size": sizes[0], "height": h, "width": w}],

@@ -121,16 +121,7 @@ def evaluate(cfg: DictConfig) -> dict:
         load_trainable(module.net, cfg.ckpt_path)
     net = module.net.to(device).eval()
     train_vocab = dataset_vocab(cfg.train_vocabulary).names if cfg.get("train_vocabulary") else None
-    predictor = Predictor(
-        net,
-        mode=module.open_vocab_mode,
-        alpha=module.ensemble_alpha,
-        beta=module.ensemble_beta,
-        train_vocabulary=train_vocab,
-        object_mask_threshold=module.object_mask_threshold,
-        overlap_threshold=module.overlap_threshold,
-        topk=module.instance_topk,
-    )
+    predictor = module.make_predictor(train_vocab)
     results, papers = {}, {}
     for entry in cfg.datasets.values():
         results[entry.title] = evaluate_dataset(

@@ -175,18 +175,22 @@ class ODISELitModule(L.LightningModule):
             )
 
     # -- validation ----------------------------------------------------------------------------
-    @property
-    def predictor(self) -> Predictor:
+    def make_predictor(self, train_vocabulary: list[list[str]] | None, mode: str | None = None) -> Predictor:
+        """Open-vocabulary inference with this module's settings (validation, eval and demo share it)."""
         return Predictor(
             self.net,
-            mode=self.open_vocab_mode,
+            mode=mode or self.open_vocab_mode,
             alpha=self.ensemble_alpha,
             beta=self.ensemble_beta,
-            train_vocabulary=self.vocabulary,
+            train_vocabulary=train_vocabulary,
             object_mask_threshold=self.object_mask_threshold,
             overlap_threshold=self.overlap_threshold,
             topk=self.instance_topk,
         )
+
+    @property
+    def predictor(self) -> Predictor:
+        return self.make_predictor(self.vocabulary)
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         preds = self.predictor(
@@ -216,8 +220,11 @@ class ODISELitModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- checkpoints: trainable weights only ------------------------------------------------------
+    def _frozen_key_prefixes(self) -> tuple[str, ...]:
+        return tuple(f"net.{p}" for p in self.net.frozen_prefixes())
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        prefixes = tuple(f"net.{p}" for p in self.net.frozen_prefixes())
+        prefixes = self._frozen_key_prefixes()
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)
         }
@@ -230,7 +237,7 @@ class ODISELitModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        prefixes = tuple(f"net.{p}" for p in self.net.frozen_prefixes())
+        prefixes = self._frozen_key_prefixes()
         own = {k for k in self.state_dict() if not k.startswith(prefixes)}
         missing = sorted(own - set(checkpoint["state_dict"]))
         if missing:

@@ -60,6 +60,18 @@ def rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
+def read_ids(path: str | Path) -> np.ndarray:
+    """Panoptic PNG -> (H, W) uint32 ids, id = R + 256 G + 256^2 B.
+
+    Decoded straight into an RGBA buffer read as little-endian uint32 (alpha masked off): one pass
+    after PNG decoding instead of three channel casts and shifts.
+    """
+    with Image.open(path) as im:
+        im = im.convert("RGBA") if im.mode != "RGBA" else im
+        ids = np.frombuffer(im.tobytes(), dtype="<u4").reshape(im.height, im.width)
+    return ids & np.uint32(0xFFFFFF)
+
+
 def _read_json(path: Path, what: str, fix: str) -> dict:
     if not path.is_file():
         raise DatasetError(f"{what} not found: {path}. {fix}")
@@ -180,14 +192,13 @@ class COCOPanopticDataset(Dataset):
         return list(self.captions.get(info["id"], []))
 
     def read_panoptic(self, index: int) -> tuple[np.ndarray, list[dict]]:
-        """(H, W) int64 segment ids of item ``index`` and its checked segments_info."""
+        """(H, W) uint32 segment ids of item ``index`` and its checked segments_info."""
         info, ann = self.items[index]
         png = self.panoptic_dir / ann["file_name"]
         if not png.is_file():
             raise DatasetError(f"panoptic PNG not found: {png} (listed in {self.panoptic_json})")
         try:
-            with Image.open(png) as im:
-                ids = rgb_to_ids(np.asarray(im.convert("RGB")))
+            ids = read_ids(png)
         except (UnidentifiedImageError, OSError) as err:
             raise DatasetError(
                 f"cannot decode panoptic PNG {png}: {err}; re-download or regenerate it"

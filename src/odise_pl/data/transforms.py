@@ -26,11 +26,16 @@ def _resize(item: dict, h: int, w: int) -> dict:
     return item
 
 
-def _drop_empty(item: dict) -> dict:
-    keep = item["masks"].flatten(1).any(1) if item["masks"].numel() else torch.zeros(0, dtype=torch.bool)
+def select_segments(item: dict, keep: Tensor) -> dict:
+    """Keep the segments where ``keep`` (N,) is True, in every per-segment field."""
     for k in ("masks", "labels", "isthing", "iscrowd"):
         item[k] = item[k][keep]
     return item
+
+
+def _drop_empty(item: dict) -> dict:
+    keep = item["masks"].flatten(1).any(1) if item["masks"].numel() else torch.zeros(0, dtype=torch.bool)
+    return select_segments(item, keep)
 
 
 class LSJ:

@@ -27,7 +27,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from odise_pl.data.coco_panoptic import read_ids
 
 # Per-category statistics columns.
 IOU, TP, FP, FN = range(4)
@@ -35,18 +36,6 @@ IOU, TP, FP, FN = range(4)
 
 class PanopticEvalError(ValueError):
     """Inconsistent predictions / ground truth; the message names the image and the segment."""
-
-
-def read_ids(path: str | Path) -> np.ndarray:
-    """Panoptic PNG -> (H, W) uint32 ids, id = R + 256 G + 256^2 B.
-
-    Decoded straight into an RGBA buffer read as little-endian uint32 (alpha masked off): one pass
-    after PNG decoding instead of three channel casts and shifts.
-    """
-    with Image.open(path) as im:
-        im = im.convert("RGBA") if im.mode != "RGBA" else im
-        ids = np.frombuffer(im.tobytes(), dtype="<u4").reshape(im.height, im.width)
-    return ids & np.uint32(0xFFFFFF)
 
 
 _LUT: np.ndarray | None = None

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from odise_pl.data.coco_panoptic import rgb_to_ids
+from odise_pl.data.coco_panoptic import read_ids
 from odise_pl.data.synthetic import ids_to_rgb
 
 
@@ -69,8 +69,7 @@ def write_predictions(
     folder.mkdir(parents=True, exist_ok=True)
     anns = []
     for a in gt["annotations"]:
-        with Image.open(Path(gt_folder) / a["file_name"]) as im:
-            ids = rgb_to_ids(np.asarray(im.convert("RGB")))
+        ids = read_ids(Path(gt_folder) / a["file_name"]).astype(np.int64)
         pred, segs = perturb_image(ids, a["segments_info"], cat_ids, rng)
         Image.fromarray(ids_to_rgb(pred)).save(folder / a["file_name"])
         anns.append({"image_id": a["image_id"], "file_name": a["file_name"], "segments_info": segs})

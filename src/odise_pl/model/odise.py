@@ -147,10 +147,15 @@ class ODISE(nn.Module):
         return emb.to(device), valid.to(device)
 
     def word_embeddings(self, words: list[list[str]]) -> Tensor:
-        """B lists of K nouns -> (B, K, D) prompted, normalised CLIP text embeddings (not cached)."""
+        """B lists of K nouns -> (B, K, D) prompted, normalised CLIP text embeddings (not cached).
+
+        Each distinct noun is encoded once: K_word nouns are sampled with replacement, so most repeat.
+        """
         flat = [w for ws in words for w in ws]
-        emb = self.clip.embed_vocabulary([[w] for w in flat], self.prompt_templates)[0][:, 0]
-        return emb.view(len(words), -1, emb.shape[-1])
+        unique = list(dict.fromkeys(flat))
+        emb = self.clip.embed_vocabulary([[w] for w in unique], self.prompt_templates)[0][:, 0]
+        index = torch.tensor([unique.index(w) for w in flat], device=emb.device)
+        return emb[index].view(len(words), -1, emb.shape[-1])
 
     def classify(self, outputs: dict, text_embed: Tensor, valid: Tensor) -> dict:
         """Adds ``pred_logits: (B, Q, K + 1)`` to the main and every aux prediction set."""
