@@ -7,18 +7,72 @@ Nothing here unpickles code: ``torch.load(weights_only=True)`` or safetensors on
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
 from pathlib import Path
 
+import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins.io import TorchCheckpointIO
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from odise_pl.errors import OdiseError
 from odise_pl.weights import safe_torch_load
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(OdiseError, RuntimeError):
     """An unreadable or mismatching checkpoint; the message names the file."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with local writes that cannot leave a broken file behind.
+
+    Why ours: Lightning's own save goes through an fsspec transaction whose temporary file lives in
+    the system temp folder; when that is another filesystem, the final move is a copy onto the
+    destination, and running out of space during it truncates ``last.ckpt``. Here the checkpoint is
+    written to a temporary file *next to* its destination, flushed to disk, and renamed over it
+    (atomic on POSIX): a failed write (disk full, quota, crash) leaves every earlier checkpoint intact.
+    Remote paths (``s3://`` ...) keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        fs, local = fsspec.core.url_to_fs(str(path))
+        if storage_options is not None or not isinstance(fs, LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(local)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+        except OSError as err:
+            raise self._failed(target, err) from err
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException as err:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            # torch's zip writer re-raises a failed write (ENOSPC) as a RuntimeError; either way the
+            # cause is the write, not the trainer.
+            if isinstance(err, Exception):
+                raise self._failed(
+                    target, err.__context__ if isinstance(err.__context__, OSError) else err
+                ) from err
+            raise
+
+    @staticmethod
+    def _failed(target: Path, err: BaseException) -> CheckpointError:
+        return CheckpointError(
+            f"could not write checkpoint {target} ({err}). Checkpoints are written to a temporary file and "
+            f"renamed into place, so the earlier ones in {target.parent} are intact: free disk space, then "
+            f"resume with ckpt_path={target.parent / 'last.ckpt'}"
+        )
 
 
 def read_trainable(path: str | Path) -> dict[str, torch.Tensor]:

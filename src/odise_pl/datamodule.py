@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -119,7 +120,7 @@ class ODISEDataModule(L.LightningDataModule):
         synthetic: dict | None = None,
         seed: int = 0,
         global_batch_size: int | None = None,
-        on_bad_sample: str = "raise",
+        on_bad_sample: Literal["raise", "skip"] = "raise",
     ):
         super().__init__()
         self.train_factory, self.val_factory = train_dataset, val_dataset
@@ -142,8 +143,11 @@ class ODISEDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):
-            words = SampleWords(self.k_words) if self.k_words else None
-            self.train_set = self.train_factory(transform=Compose([self.train_transform, _drop_crowd, words]))
+            self.train_set = self.train_factory()
+            # Nouns for caption supervision only where the dataset has captions (label supervision
+            # trains without any: data.train_dataset.captions=false).
+            words = SampleWords(self.k_words) if self.k_words and self.train_set.provides_captions else None
+            self.train_set.transform = Compose([self.train_transform, _drop_crowd, words])
         if self.val_set is None:
             self.val_set = self.val_factory(transform=self.val_transform)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from odise_pl.data.coco_panoptic import DatasetError, load_image
+from odise_pl.data.coco_panoptic import load_image
 from odise_pl.data.synthetic import ids_to_rgb
 from odise_pl.data.transforms import ResizeShortestEdge, pad_to_divisible
 from odise_pl.data.vocab import (
@@ -31,6 +31,7 @@ from odise_pl.data.vocab import (
     load_vocab_file,
     parse_vocab_string,
 )
+from odise_pl.errors import report_user_error
 
 
 def build_vocabulary(vocab: str | None, vocab_file: str | None, dataset_vocabs: str | None) -> Vocabulary:
@@ -177,17 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         run(args)
-    except (DatasetError, VocabularyError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        if not report_user_error(err):
+            raise
         return 2
-    except Exception as err:  # checkpoint / weights errors carry their own explanation
-        from odise_pl.checkpoint import CheckpointError
-        from odise_pl.weights import WeightsNotFoundError
-
-        if isinstance(err, (CheckpointError, WeightsNotFoundError)):
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
     return 0
 
 

@@ -18,9 +18,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from odise_pl.checkpoint import load_trainable
+from odise_pl.config import check_config
 from odise_pl.data.transforms import ResizeShortestEdge
 from odise_pl.data.vocab import Vocabulary, dataset_vocab
 from odise_pl.datamodule import collate
+from odise_pl.errors import exit_on_user_error
 from odise_pl.evaluation.runner import compute_evaluators, make_evaluators, update_evaluators
 from odise_pl.inference.predictor import Predictor
 from odise_pl.train import CONFIG_DIR
@@ -110,6 +112,7 @@ def results_table(results: dict, papers: dict, supervision: str) -> str:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Build the model from ``cfg``, load the checkpoint, evaluate every dataset."""
+    check_config(cfg)
     torch.manual_seed(cfg.seed)
     device = torch.device(
         "cuda"
@@ -141,6 +144,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     evaluate(cfg)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Callable
+from typing import Literal
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from odise_pl.errors import ConfigError
 from odise_pl.evaluation.runner import compute_evaluators, make_evaluators, update_evaluators
 from odise_pl.inference.predictor import Predictor
 from odise_pl.loss.criterion import SetCriterion
@@ -59,14 +61,14 @@ class ODISELitModule(L.LightningModule):
         net: ODISE,
         criterion: SetCriterion,
         grounding: GroundingLoss,
-        supervision: str = "label",
+        supervision: Literal["label", "caption"] = "label",
         optimizer: Callable,
         warmup_steps: int = 500,
         lr_milestones: tuple[int, ...] | list[int] = (),
         lr_gamma: float = 0.1,
         object_mask_threshold: float = 0.0,
         overlap_threshold: float = 0.8,
-        open_vocab_mode: str = "ensemble",
+        open_vocab_mode: Literal["ensemble", "diffusion", "clip"] = "ensemble",
         ensemble_alpha: float = 0.35,
         ensemble_beta: float = 0.65,
         instance_topk: int = 100,
@@ -117,8 +119,9 @@ class ODISELitModule(L.LightningModule):
         losses = self.criterion(outputs, targets)
         if self.supervision == "caption":
             if "words" not in batch:
-                raise ValueError(
-                    "caption supervision needs nouns per image: set data.k_words > 0 with captions on"
+                raise ConfigError(
+                    "model.supervision=caption needs captions: set data.k_words > 0 and "
+                    "data.train_dataset.captions=true (or a caption_source), or train with model.supervision=label"
                 )
             words = self.net.word_embeddings(batch["words"])
             scale = self.net.classifier.scale

@@ -16,6 +16,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from odise_pl.checkpoint import AtomicCheckpointIO
+from odise_pl.config import check_config
+from odise_pl.errors import exit_on_user_error
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 # `${wandb_offline:}`: log offline (sync later) unless the user has a W&B API key.
@@ -31,16 +35,20 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
 
 
 def build(cfg: DictConfig):
-    """(datamodule, module, trainer) from a composed config. Everything is built before any
-    training starts, so a bad key or value fails at start-up.
+    """(datamodule, module, trainer) from a composed config. Values are checked against the
+    targets' signatures and everything is built before any training starts, so a bad key or value
+    fails at start-up.
     """
+    check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.model)
+    loggers = instantiate_dict(cfg.get("logger"))
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    if not loggers:  # `logger=none`: nothing to monitor the learning rate into (Lightning would refuse)
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        callbacks=instantiate_dict(cfg.get("callbacks")),
-        logger=instantiate_dict(cfg.get("logger")) or False,
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
     if datamodule.global_batch_size:
         datamodule.batch_size, trainer.accumulate_grad_batches = split_global_batch(
@@ -124,6 +132,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@exit_on_user_error
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns val/pq (for Hydra sweepers)."""
     metrics = train(cfg)

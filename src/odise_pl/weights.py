@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from odise_pl.errors import OdiseError
+
 Mode = Literal["pretrained", "random", "tiny"]
 MODES = ("pretrained", "random", "tiny")
 
@@ -93,7 +95,7 @@ SD_HINT = (
 )
 
 
-class WeightsNotFoundError(RuntimeError):
+class WeightsNotFoundError(OdiseError, RuntimeError):
     """A pretrained model could not be loaded; the message says what to download and how to point at it."""
 
 

@@ -21,6 +21,7 @@ One item (before transforms)::
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,24 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from odise_pl.errors import OdiseError
 
-class DatasetError(RuntimeError):
+
+class DatasetError(OdiseError, RuntimeError):
     """Bad or missing data; the message names the file and the fix."""
+
+
+def max_image_pixels() -> int:
+    """Largest image (pixels) we decode: ``ODISE_MAX_IMAGE_PIXELS`` (0 = no limit), else Pillow's
+    ``Image.MAX_IMAGE_PIXELS`` (about 89 MPixels; COCO's largest image has 0.4).
+    """
+    env = os.environ.get("ODISE_MAX_IMAGE_PIXELS")
+    if env is not None:
+        try:
+            return int(env)
+        except ValueError as err:
+            raise DatasetError(f"ODISE_MAX_IMAGE_PIXELS={env!r} is not an integer") from err
+    return int(Image.MAX_IMAGE_PIXELS or 0)
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -40,8 +56,23 @@ def load_image(path: str | Path) -> np.ndarray:
         raise DatasetError(
             f"image not found: {path} (check the dataset root / the image folder in the config)"
         )
+    limit = max_image_pixels()
     try:
-        with Image.open(path) as im:
+        # Our limit replaces Pillow's own check (which would refuse images over 2x its limit at
+        # open time, whatever ODISE_MAX_IMAGE_PIXELS says).
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            opened = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+        with opened as im:
+            if limit and im.width * im.height > limit:  # checked on the header, before decoding
+                raise DatasetError(
+                    f"image {path} is {im.width}x{im.height} = {im.width * im.height / 1e6:.0f} MPixels, over the "
+                    f"limit of {limit / 1e6:.0f} MPixels (a guard against decompression bombs and out-of-memory "
+                    "workers). Downscale the file, or raise the limit with the environment variable "
+                    "ODISE_MAX_IMAGE_PIXELS=<pixels> (0: no limit)"
+                )
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits, don't clip
                 arr = np.asarray(im, dtype=np.float64)
@@ -70,6 +101,68 @@ def read_ids(path: str | Path) -> np.ndarray:
         im = im.convert("RGBA") if im.mode != "RGBA" else im
         ids = np.frombuffer(im.tobytes(), dtype="<u4").reshape(im.height, im.width)
     return ids & np.uint32(0xFFFFFF)
+
+
+def _duplicates(values) -> list:
+    seen, dup = set(), []
+    for v in values:
+        if v in seen and v not in dup:
+            dup.append(v)
+        seen.add(v)
+    return dup
+
+
+def check_panoptic_json(data: dict, path: Path) -> None:
+    """Check a COCO panoptic annotation dict up front (keys, unique ids, known image / category ids),
+    so that a broken file fails at start-up naming the entry, not hours into training.
+    """
+
+    def fail(problem: str) -> None:
+        raise DatasetError(
+            f"{path}: {problem}. Not a valid COCO panoptic annotation file: re-download it or fix the "
+            "script that wrote it (format: https://cocodataset.org/#format-data, 'Panoptic Segmentation')"
+        )
+
+    if not isinstance(data, dict):
+        fail("the top level is not a JSON object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            fail(f"no '{key}' list")
+    required = {
+        "categories": ("id", "name"),
+        "images": ("id", "file_name"),
+        "annotations": ("image_id", "file_name", "segments_info"),
+    }
+    for key, fields in required.items():
+        for i, entry in enumerate(data[key]):
+            missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
+            if missing:
+                fail(f"{key}[{i}] has no {', '.join(repr(m) for m in missing)}")
+    for key, field, what in (
+        ("categories", "id", "category id"),
+        ("images", "id", "image id"),
+        ("annotations", "image_id", "annotation for image_id"),
+    ):
+        dup = _duplicates(e[field] for e in data[key])
+        if dup:
+            fail(f"{what} {dup[:5]} appears more than once in '{key}'")
+    images = {im["id"] for im in data["images"]}
+    categories = {c["id"] for c in data["categories"]}
+    for ann in data["annotations"]:
+        name = ann["file_name"]
+        if ann["image_id"] not in images:
+            fail(f"annotation {name} names image_id {ann['image_id']}, which is not in its 'images' list")
+        for j, seg in enumerate(ann["segments_info"]):
+            missing = [f for f in ("id", "category_id") if not isinstance(seg, dict) or f not in seg]
+            if missing:
+                fail(f"segments_info[{j}] of {name} has no {', '.join(repr(m) for m in missing)}")
+            if seg["category_id"] not in categories:
+                fail(
+                    f"segment {seg['id']} of {name} has category_id {seg['category_id']}, not in 'categories'"
+                )
+        dup = _duplicates(seg["id"] for seg in ann["segments_info"])
+        if dup:
+            fail(f"segment ids {dup[:5]} appear more than once in the segments_info of {name}")
 
 
 def _read_json(path: Path, what: str, fix: str) -> dict:
@@ -128,22 +221,13 @@ class COCOPanopticDataset(Dataset):
             "Download panoptic_annotations_trainval2017 from cocodataset.org and unzip it under <root>/annotations "
             "(or run the preparation script in scripts/ for other datasets)",
         )
-        for key in ("images", "annotations", "categories"):
-            if key not in data:
-                raise DatasetError(f"{pan_json} has no '{key}' list: not a COCO panoptic annotation file")
+        check_panoptic_json(data, pan_json)
         self.categories = sorted(data["categories"], key=lambda c: c["id"])
         self.cat_to_contiguous = {c["id"]: i for i, c in enumerate(self.categories)}
         self.class_names = [c["name"] for c in self.categories]
         self.isthing = [bool(c.get("isthing", 1)) for c in self.categories]
         images = {im["id"]: im for im in data["images"]}
-        self.items = []
-        for ann in data["annotations"]:
-            if ann["image_id"] not in images:
-                raise DatasetError(
-                    f"{pan_json}: annotation {ann['file_name']} names image_id {ann['image_id']}, "
-                    "which is not in its 'images' list"
-                )
-            self.items.append((images[ann["image_id"]], ann))
+        self.items = [(images[ann["image_id"]], ann) for ann in data["annotations"]]
         self.items.sort(key=lambda it: it[0]["id"])
         if max_items is not None:
             self.items = self.items[:max_items]
@@ -164,6 +248,7 @@ class COCOPanopticDataset(Dataset):
             captions = False
         elif caption_source == "heuristic":
             captions = False
+        self.read_captions = captions
         if captions:
             cap = _read_json(
                 self.captions_json,
@@ -172,12 +257,22 @@ class COCOPanopticDataset(Dataset):
                 "point `data.captions_json` at it, or turn captions off with `data.captions=false` "
                 "(label supervision with the implicit or empty captioner needs none)",
             )
-            for a in cap.get("annotations", []):
+            for i, a in enumerate(cap.get("annotations", [])):
+                if not isinstance(a, dict) or "image_id" not in a or not isinstance(a.get("caption"), str):
+                    raise DatasetError(
+                        f"{self.captions_json}: annotations[{i}] needs 'image_id' and a string 'caption' "
+                        "(COCO captions format); re-download annotations_trainval2017"
+                    )
                 self.captions.setdefault(a["image_id"], []).append(a["caption"])
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def provides_captions(self) -> bool:
+        """Whether items carry captions (the captions file, the heuristic or a caption file)."""
+        return self.read_captions or self.caption_source != "dataset"
 
     def _captions(self, info: dict, labels: list[int]) -> list[str]:
         if self.caption_source == "heuristic":
@@ -211,11 +306,6 @@ class COCOPanopticDataset(Dataset):
             raise DatasetError(
                 f"panoptic PNG {png} contains segment ids {unknown[:10]} that are not in the segments_info of "
                 f"{ann['file_name']} in {self.panoptic_json}; the PNG and the JSON do not belong together"
-            )
-        bad_cat = [s["category_id"] for s in segments if s["category_id"] not in self.cat_to_contiguous]
-        if bad_cat:
-            raise DatasetError(
-                f"{self.panoptic_json}: {ann['file_name']} uses category ids {bad_cat} missing from 'categories'"
             )
         return ids, segments
 

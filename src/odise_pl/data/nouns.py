@@ -149,11 +149,13 @@ class SampleWords:
         self.k_words, self.backend = k_words, backend
 
     def __call__(self, item: dict) -> dict:
-        caps = item.get("captions") or []
+        caps = [c for c in item.get("captions") or [] if c.strip()]
         if not caps:
-            raise ValueError(
-                f"image {item.get('file_name')} has no caption; caption supervision needs the captions file "
-                "(data.captions=true) with at least one caption per image"
+            from odise_pl.data.coco_panoptic import DatasetError
+
+            raise DatasetError(
+                f"image {item.get('file_name')} has no (non-empty) caption; caption supervision needs at least "
+                "one per image: fix the captions file, or set data.on_bad_sample=skip to skip such images"
             )
         caption = random.choice(caps)
         nouns = extract_nouns(caption, self.backend) or [caption.strip().rstrip(".")]

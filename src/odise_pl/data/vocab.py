@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from odise_pl.errors import OdiseError
+
 # name -> (file, number of leading thing categories: COCO's 80 things come first by id; ADE-150's
 # things are listed in ADE_150_THINGS).
 DATASET_VOCABS = {
@@ -25,7 +27,7 @@ DATASET_VOCABS = {
 }
 
 
-class VocabularyError(ValueError):
+class VocabularyError(OdiseError, ValueError):
     """An empty, duplicated or malformed vocabulary; the message says where."""
 
 

@@ -29,12 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from odise_pl.data.coco_panoptic import read_ids
+from odise_pl.errors import OdiseError
 
 # Per-category statistics columns.
 IOU, TP, FP, FN = range(4)
 
 
-class PanopticEvalError(ValueError):
+class PanopticEvalError(OdiseError, ValueError):
     """Inconsistent predictions / ground truth; the message names the image and the segment."""
 
 

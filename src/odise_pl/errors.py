@@ -1,0 +1,61 @@
+"""Errors a user can fix, and how command-line entry points report them.
+
+Every error class whose message names the file or config key at fault and the fix derives from
+:class:`OdiseError` (as well as the builtin it has always been, so ``except ValueError`` keeps
+working). Entry points print such an error as one ``error: ...`` line and exit with status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class OdiseError(Exception):
+    """Bad input or configuration; the message names what is wrong and how to fix it."""
+
+
+class ConfigError(OdiseError, ValueError):
+    """A config value of the wrong type or outside its allowed values; the message names the key."""
+
+
+def find_user_error(err: BaseException) -> OdiseError | None:
+    """The :class:`OdiseError` in ``err``'s cause chain (Hydra wraps errors raised while it
+    instantiates objects; DataLoader workers re-raise with the original type), or None.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OdiseError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def report_user_error(err: BaseException) -> bool:
+    """Print ``error: <message>`` on stderr if ``err`` is (or wraps) a user error; True if it was."""
+    user = find_user_error(err)
+    if user is None:
+        return False
+    message = str(user)
+    # A DataLoader worker's re-raised error carries the worker's traceback after the message.
+    if "Original Traceback" in message:
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    print(f"error: {message}", file=sys.stderr)
+    return True
+
+
+def exit_on_user_error(fn):
+    """Decorator for entry points: a user error becomes ``error: <message>`` on stderr and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if not report_user_error(err):
+                raise
+            sys.exit(2)
+
+    return wrapper
