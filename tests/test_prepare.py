@@ -126,10 +126,122 @@ def test_pascal_context_459_and_59(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "script", ["prepare_ade20k.py", "prepare_pascal_voc.py", "prepare_pascal_context.py"]
+    "script",
+    ["prepare_ade20k.py", "prepare_ade20k_full.py", "prepare_pascal_voc.py", "prepare_pascal_context.py"],
 )
 def test_scripts_have_help(script):
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "usage" in out.stdout
+
+
+def fake_ade_full(root: Path) -> dict[str, int]:
+    """A miniature ADE20K_2021_17_01: index pickle (with a numpy array, as the real one has), two
+    validation images and one training image with *_seg.png class maps. Returns name -> class value."""
+    import pickle
+
+    from odise_pl.data.prepare import ADE_FULL_ANCHORS
+
+    names847 = [", ".join(n) for n in dataset_vocab("ade847").names]  # prompt-eng list has the same order
+    plain = [", ".join(n) for n in parse_plain_847()]
+    objectnames = [f"filler {i}" for i in range(3300)]
+    for name, value in ADE_FULL_ANCHORS.items():  # class value = position + 1 in the real release
+        objectnames[value - 1] = name
+    free = iter(i for i in range(3300) if objectnames[i].startswith("filler"))
+    for name in plain:
+        if name not in ADE_FULL_ANCHORS:
+            objectnames[next(free)] = name
+    assert len(names847) == 847
+    value = {n: objectnames.index(n) + 1 for n in plain}
+    rng = np.random.default_rng(0)
+    folders, files = [], []
+    for split, name, (h, w) in (
+        ("validation", "ADE_val_00000001.jpg", (600, 800)),  # shorter side 600 -> resized to 512
+        ("validation", "ADE_val_00000002.jpg", (40, 60)),
+        ("training", "ADE_train_00000001.jpg", (40, 60)),
+    ):
+        folder = f"ADE20K_2021_17_01/images/ADE/{split}/urban/street"
+        d = root / "images/ADE" / split / "urban/street"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / name)
+        cls = np.zeros((h, w), np.int64)  # 0: unlabelled
+        cls[: h // 2] = value["wall"]
+        cls[h // 2 :, : w // 2] = value["sky"]
+        cls[h // 2 :, w // 2 :] = value[plain[400]]
+        cls[:2, :2] = 3300  # "filler 3299": not one of the 847
+        seg = np.zeros((h, w, 3), np.uint8)
+        seg[..., 0] = cls // 256 * 10 + 3  # R / 10 (floor) is the high byte
+        seg[..., 1] = cls % 256
+        seg[..., 2] = 7  # instance channel: ignored
+        Image.fromarray(seg).save(d / name.replace(".jpg", "_seg.png"))
+        folders.append(folder)
+        files.append(name)
+    index = {
+        "folder": folders,
+        "filename": files,
+        "objectnames": objectnames,
+        "objectPresence": np.zeros((3, 2)),
+    }
+    (root / "index_ade20k.pkl").write_bytes(pickle.dumps(index))
+    return value
+
+
+def parse_plain_847():
+    from odise_pl.data.prepare import _plain_vocab
+
+    return _plain_vocab("ade20k_847.txt").names
+
+
+def test_ade20k_full_847(tmp_path):
+    from odise_pl.data.prepare import prepare_ade20k_full
+
+    root = tmp_path / "ADE20K_2021_17_01"
+    fake_ade_full(root)
+    prepare_ade20k_full(root)
+    lab_dir = root / "annotations_detectron2/validation"
+    assert sorted(p.name for p in lab_dir.iterdir()) == ["ADE_val_00000001.tif", "ADE_val_00000002.tif"]
+    small = np.asarray(Image.open(lab_dir / "ADE_val_00000002.tif"))
+    assert small.dtype == np.uint16 and small.shape == (40, 60)
+    assert small[10, 10] == 0 and small[30, 10] == 2 and small[30, 50] == 400  # wall, sky, train id 400
+    assert small[0, 0] == 65535  # not one of the 847
+    big = np.asarray(Image.open(lab_dir / "ADE_val_00000001.tif"))
+    assert big.shape == (512, 683)  # shorter side 600 -> 512 (800 * 512 / 600 = 682.7)
+    assert set(np.unique(big).tolist()) <= {0, 2, 400, 65535}
+    assert Image.open(root / "images_detectron2/validation/ADE_val_00000001.jpg").size == (683, 512)
+    # The reader and the shipped config agree with the layout.
+    cfg = OmegaConf.load(ROOT / "conf/datasets/ade847.yaml").ade847.dataset
+    ds = SemanticSegDataset(
+        root=str(root),
+        image_dir=cfg.image_dir,
+        label_dir=cfg.label_dir,
+        label_format=cfg.label_format,
+        ignore_label=cfg.ignore_label,
+    )
+    assert len(ds) == 2
+
+
+def test_ade20k_full_refuses_code_in_the_index(tmp_path):
+    import os
+    import pickle
+
+    from odise_pl.data.prepare import prepare_ade20k_full
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    root = tmp_path / "ADE20K_2021_17_01"
+    root.mkdir()
+    (root / "index_ade20k.pkl").write_bytes(pickle.dumps({"folder": [Evil()]}))
+    with pytest.raises(DatasetError, match="system is not allowed"):
+        prepare_ade20k_full(root)
+    with pytest.raises(DatasetError, match="index_ade20k.pkl"):
+        prepare_ade20k_full(tmp_path / "nope")
+
+
+def test_ade20k_full_wrong_release(tmp_path):
+    from odise_pl.data.prepare import ade_full_id_map
+
+    with pytest.raises(DatasetError, match="2021_17_01"):
+        ade_full_id_map(["wall", "sky"])

@@ -6,6 +6,8 @@
 * Pascal VOC 2012: ``SegmentationClass`` palette PNGs (0..20, 255 border) -> 8-bit label PNGs.
 * Pascal Context (VOC2010 + the full ``trainval/*.mat`` labels, 1..459): 459-class TIFFs (label - 1,
   unlabelled -> 65535) and 59-class PNGs (the 59 common classes by name, others -> 255).
+* ADE20K-full (``ADE20K_2021_17_01``): 847-class uint16 TIFFs (65535 = other) from ``*_seg.png``
+  (class = R // 10 * 256 + G) through the index's class names; shorter side resized to 512.
 
 The scripts in ``scripts/`` are the command lines; each step says what it read and wrote.
 """
@@ -13,6 +15,7 @@ The scripts in ``scripts/`` are the command lines; each step says what it read a
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -21,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from odise_pl.data.coco_panoptic import DatasetError
+from odise_pl.data.coco_panoptic import DatasetError, load_image
 from odise_pl.data.synthetic import ids_to_rgb
 from odise_pl.data.vocab import dataset_vocab, parse_openseg
 
@@ -219,3 +222,158 @@ def prepare_pascal_context(
         Image.fromarray(np.where(lab == 0, 65535, lab - 1).astype(np.uint16)).save(full_out / f"{n}.tif")
         Image.fromarray(lut59[np.clip(lab, 0, len(lut59) - 1)]).save(small_out / f"{n}.png")
     return out
+
+
+# --- ADE20K-full (847 classes) ---------------------------------------------------------------------
+
+# Full-ADE class ids of a few of the 847 classes, as Mask2Former's ADE20K-full registration numbers
+# them (facts). They fix how `objectnames` positions in index_ade20k.pkl translate into the class
+# values of the *_seg.png files, and reject an index from another ADE20K release.
+ADE_FULL_ANCHORS = {
+    "wall": 2978,
+    "building, edifice": 312,
+    "sky": 2420,
+    "tree": 2855,
+    "airplane, aeroplane, plane": 14,
+    "air conditioner, air conditioning": 10,
+}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Reads index_ade20k.pkl without running code: only builtin containers and numpy arrays may be
+    rebuilt (a pickle can otherwise call any importable function).
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "slice"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a dataset index")
+        return super().find_class(module, name)
+
+
+def load_ade_full_index(path: str | Path) -> dict:
+    """index_ade20k.pkl (ADE20K_2021_17_01) -> dict with at least ``folder``, ``filename``, ``objectnames``."""
+    path = _need(Path(path), "ADE20K-full index (index_ade20k.pkl from ADE20K_2021_17_01.zip)")
+    try:
+        with open(path, "rb") as f:
+            index = _IndexUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError) as err:
+        raise DatasetError(f"cannot read {path}: {err}; re-download ADE20K_2021_17_01") from err
+    missing = [k for k in ("folder", "filename", "objectnames") if k not in index]
+    if not isinstance(index, dict) or missing:
+        raise DatasetError(f"{path} is not ADE20K_2021_17_01's index (no {missing})")
+    return index
+
+
+def _norm_name(name: str) -> str:
+    return ", ".join(p.strip() for p in str(name).lower().split(",") if p.strip())
+
+
+def ade_full_id_map(objectnames: list[str]) -> np.ndarray:
+    """LUT over full-ADE class values (as decoded from *_seg.png) -> 847-class train id or 65535.
+
+    The 847 classes are matched by name (``ade20k_847.txt``, in train-id order) to the index's
+    ``objectnames``; :data:`ADE_FULL_ANCHORS` fix the offset between a name's position and its class
+    value. A name that is missing or appears twice in the index is an error listing them all.
+    """
+    positions: dict[str, list[int]] = {}
+    for i, n in enumerate(objectnames):
+        positions.setdefault(_norm_name(n), []).append(i)
+    offsets = {
+        ADE_FULL_ANCHORS[n] - positions[n][0] for n in ADE_FULL_ANCHORS if len(positions.get(n, [])) == 1
+    }
+    if len(offsets) != 1:
+        raise DatasetError(
+            "index_ade20k.pkl does not number its classes like ADE20K_2021_17_01 (anchor classes "
+            f"{sorted(ADE_FULL_ANCHORS)} give offsets {sorted(offsets)}); use the 2021_17_01 release"
+        )
+    offset = offsets.pop()
+    names = [", ".join(n) for n in _plain_vocab("ade20k_847.txt").names]
+    problems, lut = [], np.full(len(objectnames) + offset + 1, 65535, dtype=np.uint16)
+    for train_id, name in enumerate(names):
+        found = positions.get(_norm_name(name), [])
+        if len(found) != 1:
+            problems.append(f"{name!r} ({'missing' if not found else f'{len(found)} entries'})")
+            continue
+        lut[found[0] + offset] = train_id
+    if problems:
+        raise DatasetError(
+            f"{len(problems)} of the 847 ADE20K-full classes cannot be matched to index_ade20k.pkl's objectnames: "
+            + "; ".join(problems[:10])
+            + " - is this ADE20K_2021_17_01? (please report it with the list)"
+        )
+    return lut
+
+
+def ade_full_class_values(seg_rgb: np.ndarray) -> np.ndarray:
+    """ADE20K *_seg.png (H, W, 3) -> (H, W) full-ADE class values: R // 10 * 256 + G."""
+    seg = seg_rgb.astype(np.int64)
+    return seg[..., 0] // 10 * 256 + seg[..., 1]
+
+
+def _shorter_side_to(size: int, w: int, h: int) -> tuple[int, int] | None:
+    """(w, h) with the shorter side ``size`` when it is longer than that, else None (no resize)."""
+    if min(w, h) <= size:
+        return None
+    return (size, round(h / w * size)) if w <= h else (round(w / h * size), size)
+
+
+def prepare_ade20k_full(
+    root: str | Path, splits: tuple[str, ...] = ("validation",), max_size: int = 512
+) -> list[Path]:
+    """ADE20K_2021_17_01 (``index_ade20k.pkl`` + ``images/ADE/...`` with ``*_seg.png``) ->
+    ``ROOT/images_detectron2/{split}/*.jpg`` and ``ROOT/annotations_detectron2/{split}/*.tif``
+    (847-class train ids 0..846 as uint16, 65535 = not one of the 847): Mask2Former's layout.
+
+    As in the official preparation, images and labels whose shorter side exceeds ``max_size`` are
+    resized to it (bilinear / nearest): the benchmark is evaluated at that resolution.
+    """
+    root = Path(root)
+    index = load_ade_full_index(root / "index_ade20k.pkl")
+    lut = ade_full_id_map(list(index["objectnames"]))
+    written = []
+    for split in splits:
+        if split not in ADE_SPLITS:
+            raise DatasetError(f"unknown ADE20K split {split!r}; use {sorted(ADE_SPLITS)}")
+        img_out, lab_out = root / "images_detectron2" / split, root / "annotations_detectron2" / split
+        img_out.mkdir(parents=True, exist_ok=True)
+        lab_out.mkdir(parents=True, exist_ok=True)
+        # File names say the split: ADE_train_00000001.jpg / ADE_val_00000001.jpg.
+        todo = [
+            (folder, name)
+            for folder, name in zip(index["folder"], index["filename"])
+            if name.split("_")[1] == ADE_SPLITS[split]
+        ]
+        for folder, name in tqdm(todo, desc=f"ADE20K-full {split}"):
+            # `folder` starts at the release folder (ADE20K_2021_17_01/images/ADE/...).
+            parts = Path(folder).parts
+            rel = Path(*parts[1:]) if parts and parts[0] == root.name else Path(folder)
+            image_path = _need(root / rel / name, "ADE20K-full image")
+            seg_path = _need(image_path.with_name(image_path.stem + "_seg.png"), "ADE20K-full segmentation")
+            image = load_image(image_path)
+            with Image.open(seg_path) as im:
+                cls = ade_full_class_values(np.asarray(im.convert("RGB")))
+            if cls.shape != image.shape[:2]:
+                raise DatasetError(f"{seg_path} is {cls.shape}, its image {image.shape[:2]}")
+            label = lut[np.clip(cls, 0, len(lut) - 1)]
+            size = _shorter_side_to(max_size, image.shape[1], image.shape[0])
+            image_im, label_im = Image.fromarray(image), Image.fromarray(label)
+            if size is not None:
+                image_im = image_im.resize(size, Image.BILINEAR)
+                label_im = label_im.resize(size, Image.NEAREST)
+            image_im.save(img_out / name, quality=95)
+            label_im.save(lab_out / (Path(name).stem + ".tif"))
+        written.append(lab_out)
+    return written
