@@ -214,6 +214,60 @@ def load_open_clip(
     return _frozen(model)
 
 
+# Small settings of each timm family (tests / the tiny experiment): same classes, a few layers.
+_TIMM_TINY = {
+    "vit": dict(depth=4, embed_dim=32, num_heads=2),
+    "convnext": dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)),
+    "swin": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
+}
+
+
+def load_timm(
+    mode: Mode = "pretrained",
+    name: str = "vit_large_patch14_clip_336.openai",
+    out_indices: tuple[int, ...] | list[int] = (0, 1, 2, 3),
+    checkpoint: str | None = None,
+    **kwargs,
+) -> nn.Module:
+    """A frozen timm feature extractor (``features_only=True``) for the backbone ablation (Table 3).
+
+    Args:
+        mode: see module docstring (``tiny``: the same family with a few narrow layers).
+        name: timm model name with its pretrained tag (``timm.list_pretrained()``).
+        out_indices: blocks (ViT) or stages (hierarchical models) to return.
+        checkpoint: a local weights file instead of the hub download.
+        kwargs: passed to ``timm.create_model`` (e.g. ``dynamic_img_size=True`` for ViTs).
+    """
+    import timm
+
+    _check_mode(mode)
+    kwargs = dict(kwargs)
+    if mode == "tiny":
+        family = next((k for k in _TIMM_TINY if name.startswith(k)), None)
+        if family is None:
+            raise ValueError(f"no tiny setting for timm model {name!r} (families: {sorted(_TIMM_TINY)})")
+        kwargs.update(_TIMM_TINY[family])
+        if family == "vit":  # 4 blocks, all tapped
+            out_indices = (0, 1, 2, 3)
+    pretrained = mode == "pretrained"
+    create = dict(features_only=True, out_indices=tuple(out_indices), **kwargs)
+    if checkpoint:
+        create["pretrained_cfg_overlay"] = dict(file=checkpoint)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **create)
+    except Exception as err:  # hub / file errors; a wrong name is a RuntimeError too
+        if not pretrained:
+            raise
+        raise WeightsNotFoundError(
+            f"cannot load timm model {name!r} (Hugging Face cache {_hf_cache()}): "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+            f"Download it while online (`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`) "
+            "or point the config at a local file: `model.net.backbone.model.checkpoint=/path/to/model.safetensors`. "
+            "For a run without weights use `weights.mode=random` or `weights.mode=tiny`."
+        ) from err
+    return _frozen(model)
+
+
 def count_parameters(module: nn.Module, trainable: bool | None = None) -> int:
     """Number of (unique) parameters; ``trainable`` filters on ``requires_grad``."""
     seen: set[int] = set()
