@@ -57,9 +57,11 @@ class ImplicitCaptioner(nn.Module):
 
     PARITY with the official code: ``cond = empty + tanh(alpha) * (W e + pos)``, a linear map of
     the CLIP image embedding ``e`` broadcast over the L token positions plus a learned positional
-    embedding, gated on the empty-caption embedding with ``alpha`` initialised at 0 so training
-    starts from the empty caption; and ``time_offset = tanh(beta) * W_t e`` added to the UNet's
-    time embedding, ``beta`` initialised at 0.
+    embedding, gated on the empty-caption embedding with ``alpha`` ((1, L, D), element-wise)
+    initialised at 0 so training starts from the empty caption; and ``time_offset = tanh(beta) * W_t e``
+    added to the UNet's time embedding, ``beta`` ((time_embed_dim,)) initialised at 0. (The official
+    time projection also adds a learned per-timestep vector; with one timestep that is a constant,
+    which is our ``time_proj`` bias: ``scripts/convert_odise_checkpoint.py`` folds it in.)
 
     Args:
         text_encoder: SD's frozen text encoder (for the empty-caption embedding).
@@ -76,9 +78,11 @@ class ImplicitCaptioner(nn.Module):
         embed = clip.embed_dim
         self.proj = nn.Linear(embed, width)
         self.pos_embed = nn.Parameter(torch.randn(length, width) * 0.02)
-        self.alpha = nn.Parameter(torch.zeros(()))
+        # Element-wise gates, as in the official code (alpha: one per token and channel, beta: one
+        # per time-embedding channel), so its checkpoints convert one to one.
+        self.alpha = nn.Parameter(torch.zeros(1, length, width))
         self.time_proj = nn.Linear(embed, time_embed_dim) if time_embed_dim else None
-        self.beta = nn.Parameter(torch.zeros(())) if time_embed_dim else None
+        self.beta = nn.Parameter(torch.zeros(time_embed_dim)) if time_embed_dim else None
 
     def forward(self, images: Tensor, captions: list[str] | None = None) -> tuple[Tensor, Tensor | None]:
         e = self.clip.encode_image(images)  # (B, D), frozen

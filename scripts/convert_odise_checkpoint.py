@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Convert an official ODISE checkpoint (NVlabs/ODISE releases, detectron2 .pth) into our
+trainable-only checkpoint (.safetensors), then evaluate it with our code:
+
+    python scripts/convert_odise_checkpoint.py odise_label_coco_50e-b67d2efc.pth odise_label.safetensors
+    python -m odise_pl.eval experiment=label_1024 ckpt_path=odise_label.safetensors train_vocabulary=coco \
+        datasets=[ade150,coco]
+
+Our model is built in `weights.mode=random` only to read its parameter names and shapes (nothing is
+downloaded). Prints what was mapped, skipped (frozen: SD, CLIP, cached text embeddings) and what has
+no counterpart here; see odise_pl/convert.py for the mapping and its reasoning.
+"""
+
+import argparse
+import sys
+
+from safetensors.torch import save_file
+
+from odise_pl.checkpoint import CheckpointError
+from odise_pl.convert import convert_state_dict, read_their_checkpoint, their_feature_order
+
+
+def build_net(experiment: str, overrides: list[str], weights_mode: str = "random"):
+    import hydra
+    from hydra import compose, initialize_config_dir
+
+    from odise_pl.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "train", overrides=[f"experiment={experiment}", f"weights.mode={weights_mode}", *overrides]
+        )
+    return hydra.utils.instantiate(cfg.model).net, cfg
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="their .pth (detectron2 checkpoint)")
+    p.add_argument("output", help="our .safetensors")
+    p.add_argument("--experiment", default="label_1024", help="our experiment with the same architecture")
+    p.add_argument("--override", action="append", default=[], help="extra Hydra override")
+    p.add_argument("--weights-mode", default="random", help="how our model is built to read its shapes")
+    a = p.parse_args(argv)
+    try:
+        theirs = read_their_checkpoint(a.checkpoint)
+        net, cfg = build_net(a.experiment, a.override, a.weights_mode)
+        bb = cfg.model.net.backbone
+        order = their_feature_order(
+            list(bb.unet_block_indices),
+            list(bb.vae_encoder_block_indices),
+            list(bb.vae_decoder_block_indices),
+            len(bb.timesteps),
+        )
+        converted, report = convert_state_dict(theirs, net.trainable_state_dict(), order)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"mapped {len(converted)} tensors ({sum(v.numel() for v in converted.values()) / 1e6:.2f}M parameters)"
+    )
+    print(f"skipped {len(report['skipped_frozen'])} frozen tensors (ours come from odise_pl.weights)")
+    for key in report["no_counterpart"]:
+        print(f"no counterpart here: {key}")
+    for key in report["unmapped"]:
+        print(f"WARNING not mapped: {key}")
+    for key in report["missing"]:
+        print(f"WARNING left at initialisation: {key}")
+    save_file(
+        {k: v.contiguous() for k, v in converted.items()}, a.output, metadata={"source": str(a.checkpoint)}
+    )
+    print(f"wrote {a.output}")
+    return 1 if report["unmapped"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
