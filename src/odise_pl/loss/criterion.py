@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from odise_pl.loss.matcher import HungarianMatcher
+from odise_pl.loss.matcher import HungarianMatcher, pad_target_masks
 from odise_pl.loss.point_sampling import point_sample, uncertain_point_coords
 
 
@@ -24,6 +24,30 @@ def dice_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
     num = 2 * (s * targets).sum(-1)
     den = s.sum(-1) + targets.sum(-1)
     return (1 - (num + 1) / (den + 1)).sum() / num_masks
+
+
+def _sample_targets(padded: Tensor, indices, coords: Tensor) -> Tensor:
+    """Matched target masks sampled at their points: (M, P), M = all matches in ``indices`` order.
+
+    Why not gather the matched masks first: that copies every full-resolution target mask once per
+    prediction set (10 per step). When an image's matches cover all its targets (always, with more
+    queries than objects), its padded masks are sampled in place with the points reordered instead.
+    """
+    out, offset = [], 0
+    for i, (_, j) in enumerate(indices):
+        m, n = len(j), int(padded.shape[1])
+        c = coords[offset : offset + m]
+        offset += m
+        if m == 0:
+            continue
+        j = j.to(padded.device)
+        if m <= n and bool((torch.sort(j).values == torch.arange(m, device=j.device)).all()):
+            cc = torch.empty_like(c)
+            cc[j] = c  # target j[k] is sampled at the points of match k
+            out.append(point_sample(padded[i, :m, None], cc)[:, 0][j])
+        else:
+            out.append(point_sample(padded[i, j][:, None], c)[:, 0])
+    return torch.cat(out)
 
 
 def global_num_masks(targets: list[dict], device) -> float:
@@ -83,15 +107,22 @@ class SetCriterion(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
 
     def loss_masks(
-        self, outputs: dict, targets: list[dict], indices, num_masks: float, salt: int = 0
+        self,
+        outputs: dict,
+        targets: list[dict],
+        indices,
+        num_masks: float,
+        salt: int = 0,
+        padded: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         pred = outputs["pred_masks"]
         src = torch.cat([pred[i, s] for i, (s, _) in enumerate(indices)])  # (M, h, w)
         if src.shape[0] == 0:
             zero = pred.sum() * 0.0
             return zero, zero
-        tgt = torch.cat([t["masks"][j] for t, (_, j) in zip(targets, indices)]).to(src.dtype)  # (M, H, W)
-        src, tgt = src[:, None].float(), tgt[:, None].float()
+        if padded is None:
+            padded = pad_target_masks(targets, pred)
+        src = src[:, None].float()
         with torch.no_grad():
             # One seed per matched mask: its image's sample seed and its target index.
             seeds = None
@@ -100,7 +131,7 @@ class SetCriterion(nn.Module):
             coords = uncertain_point_coords(
                 src, self.num_points, self.oversample_ratio, self.importance_ratio, seeds, salt
             )
-            labels = point_sample(tgt, coords)[:, 0]
+            labels = _sample_targets(padded, indices, coords)
         logits = point_sample(src, coords)[:, 0]
         return sigmoid_ce_loss(logits, labels, num_masks), dice_loss(logits, labels, num_masks)
 
@@ -109,11 +140,13 @@ class SetCriterion(nn.Module):
         num_masks = global_num_masks(targets, outputs["pred_masks"].device)
         sets = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
         losses: dict[str, Tensor] = {}
+        # Built once: every prediction set is matched against the same (full-resolution) targets.
+        padded = pad_target_masks(targets, outputs["pred_masks"])
         for k, (suffix, out) in enumerate(sets):
-            indices = self.matcher(out, targets, salt=k)
+            indices = self.matcher(out, targets, salt=k, padded=padded)
             if "pred_logits" in out:
                 losses["loss_ce" + suffix] = self.weights["loss_ce"] * self.loss_labels(out, targets, indices)
-            lm, ld = self.loss_masks(out, targets, indices, num_masks, salt=k)
+            lm, ld = self.loss_masks(out, targets, indices, num_masks, salt=k, padded=padded)
             losses["loss_mask" + suffix] = self.weights["loss_mask"] * lm
             losses["loss_dice" + suffix] = self.weights["loss_dice"] * ld
         return losses

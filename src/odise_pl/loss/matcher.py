@@ -30,6 +30,18 @@ def batch_dice_cost(inputs: Tensor, targets: Tensor) -> Tensor:
     return 1 - (num + 1) / (den + 1)
 
 
+@torch.no_grad()
+def pad_target_masks(targets: list[dict], like: Tensor) -> Tensor:
+    """Targets' masks as one float (B, N_max, H, W) tensor (zeros beyond an image's N_b)."""
+    n_max = max(1, max(len(t["masks"]) for t in targets))
+    h, w = targets[0]["masks"].shape[-2:] if len(targets[0]["masks"]) else like.shape[-2:]
+    out = like.new_zeros(len(targets), n_max, h, w, dtype=torch.float32)
+    for i, t in enumerate(targets):
+        if len(t["masks"]):
+            out[i, : len(t["masks"])] = t["masks"]
+    return out
+
+
 class HungarianMatcher(nn.Module):
     """Minimum-cost one-to-one assignment of queries to targets per image.
 
@@ -61,16 +73,16 @@ class HungarianMatcher(nn.Module):
         )
 
     @torch.no_grad()
-    def cost_matrices(self, outputs: dict, targets: list[dict], salt: int = 0) -> Tensor:
-        """(B, Q, N_max) costs; columns beyond an image's N_b are padding."""
+    def cost_matrices(
+        self, outputs: dict, targets: list[dict], salt: int = 0, padded: Tensor | None = None
+    ) -> Tensor:
+        """(B, Q, N_max) costs; columns beyond an image's N_b are padding. ``padded``: the targets'
+        masks from :func:`pad_target_masks` (the criterion builds them once for all prediction sets).
+        """
         pred = outputs["pred_masks"]
         b, q = pred.shape[:2]
         n_max = max(1, max(len(t["masks"]) for t in targets))
-        h, w = targets[0]["masks"].shape[-2:] if len(targets[0]["masks"]) else pred.shape[-2:]
-        tgt = pred.new_zeros(b, n_max, h, w)
-        for i, t in enumerate(targets):
-            if len(t["masks"]):
-                tgt[i, : len(t["masks"])] = t["masks"].to(pred.dtype)
+        tgt = pad_target_masks(targets, pred) if padded is None else padded
         seeds = [t.get("seed") for t in targets]
         coords = sample_rand(b, (self.num_points, 2), seeds, 1_000 + salt, pred.device)
         pred_pts = point_sample(pred.float(), coords.float())  # (B, Q, P)
@@ -87,8 +99,10 @@ class HungarianMatcher(nn.Module):
         return cost
 
     @torch.no_grad()
-    def forward(self, outputs: dict, targets: list[dict], salt: int = 0) -> list[tuple[Tensor, Tensor]]:
-        cost = self.cost_matrices(outputs, targets, salt).cpu().numpy()
+    def forward(
+        self, outputs: dict, targets: list[dict], salt: int = 0, padded: Tensor | None = None
+    ) -> list[tuple[Tensor, Tensor]]:
+        cost = self.cost_matrices(outputs, targets, salt, padded).cpu().numpy()
         # NaN / inf predictions (a diverging step) must not crash the solver: the loss of such a
         # step is non-finite too and the step is skipped by the LightningModule.
         cost = np.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)

@@ -28,13 +28,16 @@ def ms_deform_attn(
     _, lq, _, n_levels, n_points, _ = locations.shape
     values = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * locations - 1
-    sampled = []
+    attn = weights.transpose(1, 2).reshape(b * m, 1, lq, n_levels, n_points)
+    out = None
+    # Weighted sum level by level: no (B*M, Dh, Lq, L*P) stack of all samples (a copy as large as
+    # the samples themselves, forward and backward), a third of the peak temporary memory.
     for lvl, (h, w) in enumerate(shapes):
         v = values[lvl].flatten(2).transpose(1, 2).reshape(b * m, dh, h, w)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*M, Lq, P, 2)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    attn = weights.transpose(1, 2).reshape(b * m, 1, lq, n_levels * n_points)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * attn).sum(-1)  # (B*M, Dh, Lq)
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        part = (sampled * attn[..., lvl, :]).sum(-1)  # (B*M, Dh, Lq)
+        out = part if out is None else out + part
     return out.view(b, m * dh, lq).transpose(1, 2)
 
 

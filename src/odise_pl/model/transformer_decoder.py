@@ -68,7 +68,8 @@ class MaskedTransformerDecoder(nn.Module):
 
         pred_masks: (B, Q, H/4, W/4) logits
         mask_embed: (B, Q, D)  the mask embedding z_i, D = embed_dim (CLIP's)
-        aux_outputs: [{pred_masks, mask_embed}] x num_layers  (learnable queries + all but the last layer)
+        aux_outputs: [{pred_masks, mask_embed}] x num_layers  (learnable queries + all but the last
+            layer; training only: inference computes just their attention masks)
 
     Masked attention, ``num_layers`` layers round-robin over the 3 scales, predictions after the
     learnable queries and after every layer (deep supervision: num_layers + 1 sets).
@@ -111,14 +112,24 @@ class MaskedTransformerDecoder(nn.Module):
         self.pooled_proj = nn.Sequential(nn.LayerNorm(mask_dim), nn.Linear(mask_dim, hidden_dim))
         self.embed_head = nn.Sequential(nn.LayerNorm(hidden_dim), MLP(hidden_dim, hidden_dim, embed_dim, 3))
 
-    def _predict(self, output: Tensor, mask_features: Tensor, target_size: tuple[int, int]):
+    def _predict(self, output: Tensor, mask_features: Tensor, small_features: Tensor, full: bool = True):
+        """(masks, embed, attn_mask); masks / embed are None when ``full`` is off (an auxiliary set
+        at inference: only its attention mask is needed).
+        """
         out = self.decoder_norm(output)
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(out), mask_features)
-        hard = (masks.detach().sigmoid() > 0.5).to(mask_features.dtype)
-        embed = self.embed_head(out + self.pooled_proj(mask_pool(mask_features, hard)))
+        mask_embed = self.mask_embed(out)
         # Attention mask for the next layer: attend only inside the predicted mask (True = blocked).
-        small = F.interpolate(masks.detach(), size=target_size, mode="bilinear", align_corners=False)
-        attn_mask = (small.sigmoid().flatten(2) < 0.5).repeat_interleave(self.num_heads, dim=0)
+        # Mask2Former resizes the full-resolution mask logits (bilinear); bilinear resizing is
+        # linear, so resizing the mask features first and then taking the dot product gives the
+        # same logits, at the attention level's resolution instead of 1/4 of the image.
+        with torch.no_grad():
+            small = torch.einsum("bqc,bchw->bqhw", mask_embed.detach(), small_features)
+            attn_mask = (small.flatten(2) < 0).repeat_interleave(self.num_heads, dim=0)  # sigmoid < 0.5
+        if not full:
+            return None, None, attn_mask
+        masks = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+        hard = (masks.detach() > 0).to(mask_features.dtype)  # sigmoid > 0.5
+        embed = self.embed_head(out + self.pooled_proj(mask_pool(mask_features, hard)))
         return masks, embed, attn_mask
 
     def forward(self, multi_scale: list[Tensor], mask_features: Tensor) -> dict:
@@ -131,10 +142,17 @@ class MaskedTransformerDecoder(nn.Module):
                 (self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][None, :, None]).transpose(1, 2)
             )
         b = mask_features.shape[0]
+        with torch.no_grad():
+            small = [
+                F.interpolate(mask_features.detach(), size=s, mode="bilinear", align_corners=False)
+                for s in sizes
+            ]
         query_pos = self.query_embed.weight[None].expand(b, -1, -1)
         output = self.query_feat.weight[None].expand(b, -1, -1)
+        # Auxiliary prediction sets feed the deep-supervision losses only: skipped outside training.
+        full = self.training
         preds = []
-        masks, embed, attn_mask = self._predict(output, mask_features, sizes[0])
+        masks, embed, attn_mask = self._predict(output, mask_features, small[0], full)
         preds.append((masks, embed))
         for i in range(self.num_layers):
             lvl = i % self.num_levels
@@ -145,10 +163,12 @@ class MaskedTransformerDecoder(nn.Module):
             )
             output = self.self_attn[i](output + query_pos, output + query_pos, output, output)
             output = self.ffn[i](output)
-            masks, embed, attn_mask = self._predict(output, mask_features, sizes[(i + 1) % self.num_levels])
+            last = i == self.num_layers - 1
+            masks, embed, attn_mask = self._predict(
+                output, mask_features, small[(i + 1) % self.num_levels], full or last
+            )
             preds.append((masks, embed))
-        return {
-            "pred_masks": preds[-1][0],
-            "mask_embed": preds[-1][1],
-            "aux_outputs": [{"pred_masks": m, "mask_embed": e} for m, e in preds[:-1]],
-        }
+        result = {"pred_masks": preds[-1][0], "mask_embed": preds[-1][1]}
+        if full:
+            result["aux_outputs"] = [{"pred_masks": m, "mask_embed": e} for m, e in preds[:-1]]
+        return result

@@ -1,0 +1,43 @@
+"""The masked-attention decoder's shortcuts are exact: attention masks from resized mask features
+equal Mask2Former's resized mask logits; skipping auxiliary sets at inference changes nothing."""
+
+import torch
+import torch.nn.functional as F
+
+from odise_pl.model.transformer_decoder import MaskedTransformerDecoder
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    dec = MaskedTransformerDecoder(
+        in_channels=32, mask_dim=32, hidden_dim=32, num_queries=10, num_heads=4, dim_feedforward=64,
+        num_layers=3, embed_dim=16,
+    )  # fmt: skip
+    ms = [torch.randn(2, 32, s, s) for s in (4, 8, 16)]
+    return dec, ms, torch.randn(2, 32, 32, 32)
+
+
+def test_attention_mask_equals_resized_full_resolution_logits():
+    dec, _, mf = make()
+    output = torch.randn(2, 10, 32)
+    for size in ((4, 4), (8, 8), (16, 16)):
+        small = F.interpolate(mf, size=size, mode="bilinear", align_corners=False)
+        masks, _, attn = dec._predict(output, mf, small, True)
+        # Mask2Former's way: resize the full-resolution logits, threshold the sigmoid at 0.5.
+        ref_logits = F.interpolate(masks.detach(), size=size, mode="bilinear", align_corners=False)
+        ref = (ref_logits.sigmoid().flatten(2) < 0.5).repeat_interleave(4, dim=0)
+        near_zero = (ref_logits.abs().flatten(2) < 1e-5).repeat_interleave(4, dim=0)
+        assert torch.equal(attn[~near_zero], ref[~near_zero])
+
+
+def test_inference_skips_auxiliary_sets_without_changing_the_result():
+    dec, ms, mf = make()
+    dec.train()
+    with torch.no_grad():
+        full = dec(ms, mf)
+    dec.eval()
+    with torch.no_grad():
+        fast = dec(ms, mf)
+    assert len(full["aux_outputs"]) == 3 and "aux_outputs" not in fast
+    assert torch.allclose(full["pred_masks"], fast["pred_masks"], atol=1e-6)
+    assert torch.allclose(full["mask_embed"], fast["mask_embed"], atol=1e-6)
