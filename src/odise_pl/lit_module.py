@@ -53,6 +53,7 @@ class ODISELitModule(L.LightningModule):
             0.35 on CLIP for seen categories, 0.65 for novel ones; ``diffusion`` / ``clip`` for ablations).
         instance_topk: instances kept per image.
         max_nonfinite_steps: a NaN / inf loss skips its step; this many in a row stop training.
+        inference_precision: autocast dtype of validation / eval / demo inference (``fp32``: reference).
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class ODISELitModule(L.LightningModule):
         ensemble_beta: float = 0.65,
         instance_topk: int = 100,
         max_nonfinite_steps: int = 5,
+        inference_precision: Literal["fp32", "bf16", "fp16"] = "fp32",
     ):
         super().__init__()
         if supervision not in ("label", "caption"):
@@ -95,6 +97,7 @@ class ODISELitModule(L.LightningModule):
         self.evaluators: dict = {}
         self.bad_samples = 0  # skipped with data.on_bad_sample=skip, this process
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.inference_precision = inference_precision
         self.nonfinite_in_a_row = self.nonfinite_total = 0
 
     # -- setup ---------------------------------------------------------------------------------
@@ -189,6 +192,7 @@ class ODISELitModule(L.LightningModule):
             object_mask_threshold=self.object_mask_threshold,
             overlap_threshold=self.overlap_threshold,
             topk=self.instance_topk,
+            precision=self.inference_precision,
         )
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -9,6 +11,8 @@ from torch import Tensor
 from odise_pl.inference.open_vocab import class_probabilities
 from odise_pl.inference.postprocess import instance_inference, panoptic_inference, semantic_inference
 from odise_pl.model.odise import ODISE, to_unit
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def seen_categories(vocabulary: list[list[str]], train_vocabulary: list[list[str]] | None) -> Tensor:
@@ -29,6 +33,9 @@ class Predictor:
         train_vocabulary: the categories trained on (decides seen vs novel).
         object_mask_threshold, overlap_threshold: panoptic merge (0.0 / 0.8).
         topk: instances kept per image (100).
+        precision: ``fp32`` (reference), ``bf16`` or ``fp16``: the network runs under autocast in
+            that dtype (post-processing stays fp32). bf16 is what GPUs (and CPUs with AVX512-BF16 /
+            AMX) run fastest; ``benchmarks/bench_inference.py`` measures speed and the difference.
     """
 
     def __init__(
@@ -42,7 +49,11 @@ class Predictor:
         object_mask_threshold: float = 0.0,
         overlap_threshold: float = 0.8,
         topk: int = 100,
+        precision: str = "fp32",
     ):
+        if precision not in DTYPES:
+            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+        self.precision = precision
         self.net, self.mode, self.alpha, self.beta = net, mode, alpha, beta
         self.train_vocabulary = train_vocabulary
         self.object_mask_threshold, self.overlap_threshold, self.topk = (
@@ -50,6 +61,11 @@ class Predictor:
             overlap_threshold,
             topk,
         )
+
+    def _autocast(self, images: Tensor):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(images.device.type, dtype=DTYPES[self.precision])
 
     @torch.no_grad()
     def __call__(
@@ -66,7 +82,9 @@ class Predictor:
         ((H, W) ids, segments_info), ``semantic`` ((K, H, W) scores), ``instances``, all at the original size.
         """
         images = to_unit(images)
-        outputs = self.net(images, captions)
+        with self._autocast(images):
+            outputs = self.net(images, captions)
+        outputs = {k: v.float() if isinstance(v, Tensor) else v for k, v in outputs.items()}
         text_embed, valid = self.net.text_embeddings(vocabulary)
         diff_logits = self.net.classifier(outputs["mask_embed"], text_embed, valid)
         seen = seen_categories(vocabulary, self.train_vocabulary)
@@ -79,7 +97,8 @@ class Predictor:
             mi = masks[i : i + 1, :, :h, :w]
             dense = None
             if self.mode != "diffusion":
-                dense = self.net.clip.dense_features(images[i : i + 1, :, :h, :w])
+                with self._autocast(images):
+                    dense = self.net.clip.dense_features(images[i : i + 1, :, :h, :w]).float()
             probs = class_probabilities(
                 diff_logits[i : i + 1],
                 mi,
@@ -92,7 +111,12 @@ class Predictor:
                 self.alpha,
                 self.beta,
             )[0]
-            full = F.interpolate(mi, size=(m["height"], m["width"]), mode="bilinear", align_corners=False)[0]
+            if (h, w) == (m["height"], m["width"]):
+                full = mi[0]  # already at the original size (resizing to the same size is a copy)
+            else:
+                full = F.interpolate(
+                    mi, size=(m["height"], m["width"]), mode="bilinear", align_corners=False
+                )[0]
             out: dict = {"probs": probs}
             if "panoptic" in tasks:
                 out["panoptic"] = panoptic_inference(

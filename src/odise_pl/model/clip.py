@@ -35,6 +35,8 @@ class FrozenCLIP(nn.Module):
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self._shared: tuple[Tensor, Tensor] | None = None  # (preprocessed input, its dense tokens)
+        self.share_tokens = True  # off: every call runs its own pass (the benchmarks' eager baseline)
         self.eval()
 
     def train(self, mode: bool = True):  # frozen: stays in eval mode whatever the parent does
@@ -56,8 +58,33 @@ class FrozenCLIP(nn.Module):
 
     @torch.no_grad()
     def encode_image(self, images: Tensor) -> Tensor:
-        """images: (B, 3, H, W) in [0, 1] -> (B, D) L2-normalised image embeddings."""
-        return F.normalize(self.model.encode_image(self.preprocess(images)), dim=-1)
+        """images: (B, 3, H, W) in [0, 1] -> (B, D) L2-normalised image embeddings.
+
+        With a ViT tower the same pass keeps the dense tokens: when :meth:`dense_features` is then
+        asked for the same preprocessed input (the CLIP opinion at test time on an unpadded image),
+        it reuses them instead of running the tower again. The check is on the input's values, so a
+        different input can never get stale features.
+        """
+        x = self.preprocess(images)
+        if self.share_tokens and self._has_dense_tokens():
+            pooled, tokens = self._visual_tokens(x)
+            self._shared = (x, tokens)
+            return F.normalize(pooled, dim=-1)
+        return F.normalize(self.model.encode_image(x), dim=-1)
+
+    def _has_dense_tokens(self) -> bool:
+        visual = self.model.visual
+        return hasattr(visual, "output_tokens") and getattr(visual, "proj", None) is not None
+
+    def _visual_tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(pooled projected embedding (B, D), patch tokens before projection (B, N, W)) in one pass."""
+        visual = self.model.visual
+        before = visual.output_tokens
+        visual.output_tokens = True
+        try:
+            return visual(x)
+        finally:
+            visual.output_tokens = before
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:
@@ -103,17 +130,18 @@ class FrozenCLIP(nn.Module):
         LayerNorm, through its projection into the joint space. ViT towers only.
         """
         visual = self.model.visual
-        if not hasattr(visual, "output_tokens") or getattr(visual, "proj", None) is None:
+        if not self._has_dense_tokens():
             raise NotImplementedError(
                 f"dense CLIP features need an open_clip ViT image tower; {type(visual).__name__} has none. "
                 "Use a ViT CLIP (e.g. ViT-L-14-336) or turn the CLIP opinion off (model.open_vocab.mode=diffusion)"
             )
-        before = visual.output_tokens
-        visual.output_tokens = True
-        try:
-            _, tokens = visual(self.preprocess(images))
-        finally:
-            visual.output_tokens = before
+        x = self.preprocess(images)
+        shared = getattr(self, "_shared", None)
+        if shared is not None and shared[0].shape == x.shape and torch.equal(shared[0], x):
+            tokens = shared[1]
+        else:
+            _, tokens = self._visual_tokens(x)
+        self._shared = None
         if getattr(visual, "final_ln_after_pool", False):
             tokens = visual.ln_post(tokens)
         tokens = tokens @ visual.proj  # (B, g*g, D)

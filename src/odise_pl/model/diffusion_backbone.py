@@ -192,9 +192,11 @@ class DiffusionBackbone(nn.Module):
 
     def noisy_latents(self, latents: Tensor, t: int) -> Tensor:
         """Eq. 1: sqrt(a_t) x + sqrt(1 - a_t) eps with the shared eps."""
-        a = self.alphas_cumprod[t].to(latents.dtype)
-        eps = self.noise(latents.shape, latents.device, latents.dtype)
-        return a.sqrt() * latents + (1 - a).sqrt() * eps
+        # In fp32 whatever the latents' dtype: in bf16, alpha_bar_0 = 0.99915 rounds to 1 and the
+        # noise term (sqrt(1 - a) = 0.029) would vanish.
+        a = self.alphas_cumprod[t].float()
+        eps = self.noise(latents.shape, latents.device, torch.float32)
+        return (a.sqrt() * latents.float() + (1 - a).sqrt() * eps).to(latents.dtype)
 
     def forward(self, images: Tensor, cond: Tensor, time_offset: Tensor | None = None) -> dict[str, Tensor]:
         """See class docstring. Gradients flow to ``cond`` / ``time_offset`` only."""
