@@ -38,8 +38,15 @@ test-slow: setup ## run the slow tests too (full-size random-weight models; minu
 smoke-full: setup ## full-size caption_512 with random weights, 2 training steps on CPU
 	$(PY) -m pytest -q -m slow tests/test_smoke_full.py $(ARGS)
 
-bench: setup ## benchmarks: ours vs a baseline measured in the same run (prints ratios)
-	$(PY) benchmarks/bench_pq.py
+bench: setup ## benchmarks: ours vs a baseline measured in the same run (prints ratios; ~13 min on 2 cores)
+	@mkdir -p benchmarks/out
+	@set -o pipefail; { \
+	  echo "# make bench, $$(date -u +%F) on $$($(PY) -c 'import platform, os; print(platform.processor() or platform.machine(), os.cpu_count(), "cores")')"; \
+	  $(PY) benchmarks/bench_pq.py && \
+	  $(PY) benchmarks/bench_decoder.py && \
+	  $(PY) benchmarks/bench_data.py && \
+	  $(PY) benchmarks/bench_inference.py; \
+	} 2>&1 | grep --line-buffered -v -i "warn\|Seed set\|available:\|Tip:" | tee benchmarks/out/last_run.txt
 
 lint: setup ## ruff lint + format check
 	$(VENV)/bin/ruff check src tests scripts benchmarks

@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up")
     p.add_argument("--one", nargs=3, metavar=("SIZE", "PATH", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:

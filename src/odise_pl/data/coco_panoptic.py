@@ -31,6 +31,11 @@ from torch.utils.data import Dataset
 
 from odise_pl.errors import OdiseError
 
+try:
+    import pyspng as _spng
+except ImportError:  # optional speed-up; Pillow is the fallback
+    _spng = None
+
 
 class DatasetError(OdiseError, RuntimeError):
     """Bad or missing data; the message names the file and the fix."""
@@ -95,8 +100,19 @@ def read_ids(path: str | Path) -> np.ndarray:
     """Panoptic PNG -> (H, W) uint32 ids, id = R + 256 G + 256^2 B.
 
     Decoded straight into an RGBA buffer read as little-endian uint32 (alpha masked off): one pass
-    after PNG decoding instead of three channel casts and shifts.
+    after PNG decoding instead of three channel casts and shifts. libspng (pyspng) decodes ~2x faster
+    than Pillow and dominates evaluation time; Pillow reads what it cannot (e.g. palette PNGs).
     """
+    if _spng is not None:
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            rgba = _spng.load(data, format="RGBA")
+        except Exception:  # not a PNG libspng reads (or corrupt): Pillow decides and explains
+            rgba = None
+        if rgba is not None and rgba.dtype == np.uint8 and rgba.ndim == 3:
+            ids = np.ascontiguousarray(rgba).view("<u4")[..., 0]
+            return ids & np.uint32(0xFFFFFF)
     with Image.open(path) as im:
         im = im.convert("RGBA") if im.mode != "RGBA" else im
         ids = np.frombuffer(im.tobytes(), dtype="<u4").reshape(im.height, im.width)

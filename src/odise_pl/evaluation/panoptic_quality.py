@@ -94,7 +94,12 @@ def image_stats(
     gi = _index(gt_ids, [s["id"] for s in g_list])
     pi = _index(pred_ids, [s["id"] for s in p_list])
     n_g, n_p = len(g_list) + 2, len(p_list) + 2
-    inter = np.bincount(gi.astype(np.intp) * n_p + pi, minlength=n_g * n_p).reshape(n_g, n_p)
+    if n_g * n_p <= 1 << 16:  # the usual case: the joint index fits 16 bits, no widening copy
+        joint = gi * np.uint16(n_p)
+        joint += pi
+    else:
+        joint = gi.astype(np.intp) * n_p + pi
+    inter = np.bincount(joint, minlength=n_g * n_p).reshape(n_g, n_p)
     if inter[:, 0].any():
         bad = np.unique(pred_ids.ravel()[pi == 0])[:10].tolist()
         raise PanopticEvalError(f"{image}: segment ids {bad} are in the prediction PNG but not in its JSON")
