@@ -1,5 +1,6 @@
 """The masked-attention decoder's shortcuts are exact: attention masks from resized mask features
-equal Mask2Former's resized mask logits; skipping auxiliary sets at inference changes nothing."""
+equal Mask2Former's resized mask logits; skipping auxiliary sets at inference changes nothing;
+predicting all sets in one product equals predicting them one by one (values and gradients)."""
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,8 @@ def test_attention_mask_equals_resized_full_resolution_logits():
     output = torch.randn(2, 10, 32)
     for size in ((4, 4), (8, 8), (16, 16)):
         small = F.interpolate(mf, size=size, mode="bilinear", align_corners=False)
-        masks, _, attn = dec._predict(output, mf, small, True)
+        out, mask_embed, attn = dec._attention_mask(output, small)
+        ((masks, _),) = dec._predict_sets([(out, mask_embed)], mf)
         # Mask2Former's way: resize the full-resolution logits, threshold the sigmoid at 0.5.
         ref_logits = F.interpolate(masks.detach(), size=size, mode="bilinear", align_corners=False)
         ref = (ref_logits.sigmoid().flatten(2) < 0.5).repeat_interleave(4, dim=0)
@@ -41,3 +43,30 @@ def test_inference_skips_auxiliary_sets_without_changing_the_result():
     assert len(full["aux_outputs"]) == 3 and "aux_outputs" not in fast
     assert torch.allclose(full["pred_masks"], fast["pred_masks"], atol=1e-6)
     assert torch.allclose(full["mask_embed"], fast["mask_embed"], atol=1e-6)
+
+
+def test_sets_predicted_together_equal_one_by_one():
+    dec, _, mf = make()
+    heads = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out, mask_embed, _ = dec._attention_mask(torch.randn(2, 10, 32), mf[:, :, :4, :4])
+        heads.append((out, mask_embed))
+    mf = mf.clone().requires_grad_()
+    weights = [torch.randn(2, 10, 32, 32) for _ in heads], [torch.randn(2, 10, 16) for _ in heads]
+
+    def loss(preds):
+        return sum((m * wm).sum() + (e * we).sum() for (m, e), wm, we in zip(preds, *weights))
+
+    together = dec._predict_sets(heads, mf)
+    g_together = torch.autograd.grad(loss(together), [mf, *dec.parameters()], retain_graph=True, allow_unused=True)
+    alone = [dec._predict_sets([h], mf)[0] for h in heads]
+    g_alone = torch.autograd.grad(loss(alone), [mf, *dec.parameters()], allow_unused=True)
+    for (m1, e1), (m2, e2) in zip(together, alone):
+        torch.testing.assert_close(m1, m2)
+        torch.testing.assert_close(e1, e2)
+    for a, b in zip(g_together, g_alone):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

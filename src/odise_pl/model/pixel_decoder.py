@@ -1,7 +1,7 @@
 """Mask2Former's pixel decoder: multi-scale deformable-attention encoder over s3..s5 + FPN to stride 4.
 
-Written here in PyTorch (``grid_sample``) rather than Mask2Former's CUDA extension: nothing to
-compile, runs on CPU, and ``grid_sample`` is fused and fast on GPU. The numerics equal the
+The deformable-attention core is ours in PyTorch (``model/deform_attn.py``) rather than
+Mask2Former's CUDA extension: nothing to compile, runs on CPU and GPU, numerics equal to the
 reference ``ms_deform_attn_core_pytorch`` of Deformable DETR (tested against a per-point loop).
 """
 
@@ -13,39 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from odise_pl.model.deform_attn import ms_deform_attn
 from odise_pl.model.position_encoding import PositionEmbeddingSine
 
 
-def ms_deform_attn(
-    value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor
-) -> Tensor:
-    """Multi-scale deformable attention core.
-
-    value: (B, S, M, Dh) with S = sum(h_l * w_l); locations: (B, Lq, M, L, P, 2) in [0, 1] (x, y);
-    weights: (B, Lq, M, L, P) -> (B, Lq, M * Dh).
-    """
-    b, _, m, dh = value.shape
-    _, lq, _, n_levels, n_points, _ = locations.shape
-    values = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * locations - 1
-    attn = weights.transpose(1, 2).reshape(b * m, 1, lq, n_levels, n_points)
-    out = None
-    # Weighted sum level by level: no (B*M, Dh, Lq, L*P) stack of all samples (a copy as large as
-    # the samples themselves, forward and backward), a third of the peak temporary memory.
-    for lvl, (h, w) in enumerate(shapes):
-        v = values[lvl].flatten(2).transpose(1, 2).reshape(b * m, dh, h, w)
-        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*M, Lq, P, 2)
-        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
-        part = (sampled * attn[..., lvl, :]).sum(-1)  # (B*M, Dh, Lq)
-        out = part if out is None else out + part
-    return out.view(b, m * dh, lq).transpose(1, 2)
-
-
 class MSDeformAttn(nn.Module):
-    """Deformable attention over L levels: query (B, Lq, C), reference points (B, Lq, L, 2) -> (B, Lq, C)."""
+    """Deformable attention over L levels: query (B, Lq, C), reference points (B, Lq, L, 2) -> (B, Lq, C).
 
-    def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4):
+    ``impl``: the core's implementation (``auto`` | ``gather`` | ``grid_sample``, see ``deform_attn``).
+    """
+
+    def __init__(
+        self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4, impl: str = "auto"
+    ):
         super().__init__()
+        self.impl = impl
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
@@ -85,17 +67,24 @@ class MSDeformAttn(nn.Module):
         locations = (
             reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
         )
-        return self.output_proj(ms_deform_attn(v, shapes, locations, weights))
+        return self.output_proj(ms_deform_attn(v, shapes, locations, weights, self.impl))
 
 
 class DeformEncoderLayer(nn.Module):
     """Post-norm deformable self-attention + FFN over the flattened multi-scale tokens."""
 
     def __init__(
-        self, d_model: int, n_levels: int, n_heads: int, n_points: int, dim_feedforward: int, dropout: float
+        self,
+        d_model: int,
+        n_levels: int,
+        n_heads: int,
+        n_points: int,
+        dim_feedforward: int,
+        dropout: float,
+        impl: str = "auto",
     ):
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -118,6 +107,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         in_channels: pyramid width (512).
         conv_dim, mask_dim: 256 / 256 (Mask2Former).
         num_layers, num_heads, num_points, dim_feedforward, dropout: encoder (6, 8, 4, 1024, 0.0).
+        deform_attn_impl: ``auto`` (CPU: ``gather``, else ``grid_sample``), ``gather``, ``grid_sample``.
 
     """
 
@@ -132,6 +122,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         num_points: int = 4,
         dim_feedforward: int = 1024,
         dropout: float = 0.0,
+        deform_attn_impl: str = "auto",
     ):
         super().__init__()
         self.transformer_levels = ("s5", "s4", "s3")
@@ -147,7 +138,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.pe = PositionEmbeddingSine(conv_dim // 2)
         self.layers = nn.ModuleList(
             [
-                DeformEncoderLayer(conv_dim, n, num_heads, num_points, dim_feedforward, dropout)
+                DeformEncoderLayer(conv_dim, n, num_heads, num_points, dim_feedforward, dropout, deform_attn_impl)
                 for _ in range(num_layers)
             ]
         )

@@ -112,25 +112,37 @@ class MaskedTransformerDecoder(nn.Module):
         self.pooled_proj = nn.Sequential(nn.LayerNorm(mask_dim), nn.Linear(mask_dim, hidden_dim))
         self.embed_head = nn.Sequential(nn.LayerNorm(hidden_dim), MLP(hidden_dim, hidden_dim, embed_dim, 3))
 
-    def _predict(self, output: Tensor, mask_features: Tensor, small_features: Tensor, full: bool = True):
-        """(masks, embed, attn_mask); masks / embed are None when ``full`` is off (an auxiliary set
-        at inference: only its attention mask is needed).
-        """
+    def _attention_mask(self, output: Tensor, small_features: Tensor) -> tuple[Tensor, Tensor]:
+        """(normed output (B, Q, C), mask embedding (B, Q, C)) and the next layer's attention mask
+        ``(B * heads, Q, h * w)`` (True = blocked)."""
         out = self.decoder_norm(output)
         mask_embed = self.mask_embed(out)
-        # Attention mask for the next layer: attend only inside the predicted mask (True = blocked).
-        # Mask2Former resizes the full-resolution mask logits (bilinear); bilinear resizing is
-        # linear, so resizing the mask features first and then taking the dot product gives the
-        # same logits, at the attention level's resolution instead of 1/4 of the image.
+        # Attend only inside the predicted mask. Mask2Former resizes the full-resolution mask logits
+        # (bilinear); bilinear resizing is linear, so resizing the mask features first and then
+        # taking the dot product gives the same logits, at the attention level's resolution
+        # instead of 1/4 of the image.
         with torch.no_grad():
             small = torch.einsum("bqc,bchw->bqhw", mask_embed.detach(), small_features)
             attn_mask = (small.flatten(2) < 0).repeat_interleave(self.num_heads, dim=0)  # sigmoid < 0.5
-        if not full:
-            return None, None, attn_mask
+        return out, mask_embed, attn_mask
+
+    def _predict_sets(
+        self, heads: list[tuple[Tensor, Tensor]], mask_features: Tensor
+    ) -> list[tuple[Tensor, Tensor]]:
+        """(pred_masks (B, Q, H, W), mask_embed (B, Q, D)) for each (normed output, mask embedding).
+
+        All prediction sets go through one product with the mask features (K = sets x queries)
+        instead of one per set: the same arithmetic, but the backward pass into ``mask_features``
+        is one large matrix product rather than 2 x sets products plus as many accumulations of a
+        (B, C, H/4, W/4) gradient, the largest tensor of the decoder.
+        """
+        n = len(heads)
+        out = torch.cat([o for o, _ in heads], 1) if n > 1 else heads[0][0]
+        mask_embed = torch.cat([e for _, e in heads], 1) if n > 1 else heads[0][1]
         masks = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
         hard = (masks.detach() > 0).to(mask_features.dtype)  # sigmoid > 0.5
         embed = self.embed_head(out + self.pooled_proj(mask_pool(mask_features, hard)))
-        return masks, embed, attn_mask
+        return list(zip(masks.chunk(n, 1), embed.chunk(n, 1)))
 
     def forward(self, multi_scale: list[Tensor], mask_features: Tensor) -> dict:
         srcs, pos, sizes = [], [], []
@@ -151,9 +163,10 @@ class MaskedTransformerDecoder(nn.Module):
         output = self.query_feat.weight[None].expand(b, -1, -1)
         # Auxiliary prediction sets feed the deep-supervision losses only: skipped outside training.
         full = self.training
-        preds = []
-        masks, embed, attn_mask = self._predict(output, mask_features, small[0], full)
-        preds.append((masks, embed))
+        heads = []
+        out, mask_embed, attn_mask = self._attention_mask(output, small[0])
+        if full:
+            heads.append((out, mask_embed))
         for i in range(self.num_layers):
             lvl = i % self.num_levels
             # A query whose mask is empty everywhere attends to everything (else softmax over nothing).
@@ -163,11 +176,13 @@ class MaskedTransformerDecoder(nn.Module):
             )
             output = self.self_attn[i](output + query_pos, output + query_pos, output, output)
             output = self.ffn[i](output)
-            last = i == self.num_layers - 1
-            masks, embed, attn_mask = self._predict(
-                output, mask_features, small[(i + 1) % self.num_levels], full or last
-            )
-            preds.append((masks, embed))
+            if i < self.num_layers - 1:
+                out, mask_embed, attn_mask = self._attention_mask(output, small[(i + 1) % self.num_levels])
+                if full:
+                    heads.append((out, mask_embed))
+        out = self.decoder_norm(output)
+        heads.append((out, self.mask_embed(out)))
+        preds = self._predict_sets(heads, mask_features)
         result = {"pred_masks": preds[-1][0], "mask_embed": preds[-1][1]}
         if full:
             result["aux_outputs"] = [{"pred_masks": m, "mask_embed": e} for m, e in preds[:-1]]

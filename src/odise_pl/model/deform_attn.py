@@ -1,0 +1,192 @@
+"""Multi-scale deformable attention core (Deformable DETR, Eq. 2-3), two implementations with the
+same numerics (bilinear sampling, zero padding, ``align_corners=False``):
+
+- ``gather``: the attention weights and the 4 bilinear corner weights of every sampling point are
+  folded into one weight per (query, head, corner), and the output is one weighted gather of value
+  rows (``embedding_bag``). Nothing of size (B, heads, Dh, Lq, points) is materialised, as
+  ``grid_sample`` does before the weighted sum; the backward pass is a sampled dense-dense product
+  for the weights and a sort + weighted gather for the values. Written by hand because no library
+  has a CPU kernel for this (Mask2Former ships a CUDA-only extension); on 2 CPU cores it takes
+  about half the time of the ``grid_sample`` form for a training step (``benchmarks/bench_decoder.py``).
+- ``grid_sample``: one ``F.grid_sample`` per level and a weighted sum (the reference
+  ``ms_deform_attn_core_pytorch`` of Deformable DETR). Used on CUDA, where ``grid_sample`` is fused
+  and the sparse kernels the ``gather`` backward relies on have not been checked.
+
+Both equal a per-point loop (``tests/test_pixel_decoder.py``), values and gradients.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def ms_deform_attn(
+    value: Tensor,
+    shapes: list[tuple[int, int]],
+    locations: Tensor,
+    weights: Tensor,
+    impl: str = "auto",
+) -> Tensor:
+    """value: (B, S, M, Dh) with S = sum(h_l * w_l); locations: (B, Lq, M, L, P, 2) in [0, 1] (x, y);
+    weights: (B, Lq, M, L, P) -> (B, Lq, M * Dh).
+
+    ``impl``: ``gather`` | ``grid_sample`` | ``auto`` (``gather`` on CPU, ``grid_sample`` elsewhere).
+    """
+    if impl == "auto":
+        impl = "gather" if value.device.type == "cpu" else "grid_sample"
+    if impl == "gather":
+        return _ms_deform_attn_gather(value, shapes, locations, weights)
+    if impl == "grid_sample":
+        return _ms_deform_attn_grid_sample(value, shapes, locations, weights)
+    raise ValueError(f"unknown deformable-attention impl {impl!r}: use gather, grid_sample or auto")
+
+
+def _ms_deform_attn_grid_sample(
+    value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor
+) -> Tensor:
+    b, _, m, dh = value.shape
+    _, lq, _, n_levels, n_points, _ = locations.shape
+    values = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * locations - 1
+    attn = weights.transpose(1, 2).reshape(b * m, 1, lq, n_levels, n_points)
+    out = None
+    # Weighted sum level by level: no (B*M, Dh, Lq, L*P) stack of all samples (a copy as large as
+    # the samples themselves, forward and backward), a third of the peak temporary memory.
+    for lvl, (h, w) in enumerate(shapes):
+        v = values[lvl].flatten(2).transpose(1, 2).reshape(b * m, dh, h, w)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*M, Lq, P, 2)
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        part = (sampled * attn[..., lvl, :]).sum(-1)  # (B*M, Dh, Lq)
+        out = part if out is None else out + part
+    return out.view(b, m * dh, lq).transpose(1, 2)
+
+
+_PAD = 2  # zero border around every level of the value table (see _ms_deform_attn_gather)
+
+
+def _ms_deform_attn_gather(
+    value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor
+) -> Tensor:
+    b, _, m, dh = value.shape
+    _, lq, _, n_levels, n_points, _ = locations.shape
+    dev = value.device
+    # Value table with a zero border of 2 around each level: a sampling point's 4 corners are then
+    # always rows of the table (corners outside the map land on zeros, which is grid_sample's zero
+    # padding), at fixed offsets (0, 1, W', W' + 1) from its top-left corner, so no masks and no
+    # per-corner index arithmetic; a top-left corner is clamped to [-2, size], where both
+    # neighbours along that axis are border zeros.
+    padded_shapes = [(h + 2 * _PAD, w + 2 * _PAD) for h, w in shapes]
+    levels = value.split([h * w for h, w in shapes], 1)
+    table = torch.cat(
+        [
+            F.pad(v.transpose(1, 2).reshape(b * m, h, w, dh), (0, 0, _PAD, _PAD, _PAD, _PAD)).flatten(1, 2)
+            for v, (h, w) in zip(levels, shapes)
+        ],
+        1,
+    )  # (B*M, S', Dh), S' = sum of padded level sizes; row (b, m, padded position)
+    padded_sizes = [hp * wp for hp, wp in padded_shapes]
+    hw = torch.tensor(shapes, device=dev)
+    sizes = hw.flip(-1).to(locations.dtype)  # (L, 2) as (w, h), the order of (x, y)
+    # Pixel coordinates (align_corners=False: pixel centres at k + 0.5), split into the top-left
+    # corner and the fraction; the floor carries no gradient, as in grid_sample.
+    pix = locations * sizes[:, None, :] - 0.5  # (B, Lq, M, L, P, 2)
+    corner = pix.detach().floor()
+    frac = pix - corner
+    corner = torch.minimum(corner.clamp(min=-_PAD), sizes[:, None, :]).long() + _PAD
+    padded_w = torch.tensor([wp for _, wp in padded_shapes], device=dev)[:, None]  # (L, 1)
+    level_start = torch.tensor([0, *padded_sizes[:-1]], device=dev).cumsum(0)[:, None]
+    block = torch.arange(b * m, device=dev).view(b, 1, m, 1, 1) * sum(padded_sizes)
+    top_left = corner[..., 1] * padded_w + corner[..., 0] + level_start + block  # (B, Lq, M, L, P)
+    # Corner weights in the order of the offsets (0, 1, W', W' + 1): (y0, x0), (y0, x1), (y1, x0), (y1, x1).
+    wx = torch.stack((1 - frac[..., 0], frac[..., 0]), -1)
+    wy = torch.stack((1 - frac[..., 1], frac[..., 1]), -1) * weights[..., None]
+    corner_w = (wy[..., :, None] * wx[..., None, :]).to(table.dtype)  # (B, Lq, M, L, P, 2, 2)
+    out = _CornerGather.apply(
+        table.reshape(-1, dh),
+        top_left.reshape(b * lq * m, n_levels * n_points),
+        corner_w.reshape(b * lq * m, n_levels * n_points, 4),
+        padded_shapes,
+        n_points,
+    )
+    return out.view(b, lq, m * dh)
+
+
+class _CornerGather(torch.autograd.Function):
+    """``out[n] = sum_{k, c} weights[n, k, c] * table[top_left[n, k] + offset_c]``, offsets
+    (0, 1, W', W' + 1) with W' the padded width of the level of sampling point k.
+
+    table (R, D), rows grouped in blocks of the padded levels; top_left (N, L*P) int64;
+    weights (N, L*P, 4) -> (N, D).
+    """
+
+    @staticmethod
+    def forward(ctx, table, top_left, weights, padded_shapes, n_points):
+        rows = top_left[..., None] + _corner_offsets(padded_shapes, n_points, top_left.device)
+        n = top_left.shape[0]
+        ctx.save_for_backward(table, top_left, weights)
+        ctx.padded_shapes, ctx.n_points = padded_shapes, n_points
+        return F.embedding_bag(rows.view(n, -1), table, per_sample_weights=weights.view(n, -1), mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        table, top_left, weights = ctx.saved_tensors
+        grad = grad.contiguous()
+        n, k = top_left.shape
+        g_table = g_weights = None
+        if ctx.needs_input_grad[2]:
+            # d out[n] / d weights[n, e] = table[row e]: one dot product per entry, a sampled
+            # dense-dense product on the pattern of a CSR matrix with the entries as nonzeros.
+            rows = top_left[..., None] + _corner_offsets(ctx.padded_shapes, ctx.n_points, top_left.device)
+            dt = torch.float32 if table.dtype in (torch.bfloat16, torch.float16) else table.dtype
+            crow = torch.arange(0, n * k * 4 + 1, k * 4, device=grad.device)
+            # Values must be zeros, not empty: sampled_addmm computes beta * values + ..., and
+            # 0 * NaN from uninitialised memory is NaN.
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": we test what we use
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(
+                    crow,
+                    rows.view(-1),
+                    torch.zeros(n * k * 4, dtype=dt, device=grad.device),
+                    (n, table.shape[0]),
+                    check_invariants=False,  # unsorted, repeated columns: fine for sampled_addmm
+                )
+            g_weights = torch.sparse.sampled_addmm(pattern, grad.to(dt), table.to(dt).t(), beta=0.0)
+            g_weights = g_weights.values().view(n, k, 4).to(weights.dtype)
+        if ctx.needs_input_grad[0]:
+            # Transpose of the gather. Sort the points by top-left row once; each corner's
+            # contribution is then a gather of output gradients per table row (offsets from the
+            # sorted order), shifted by that corner's offset, level by level.
+            flat = top_left.reshape(-1)
+            _, order = flat.sort()
+            counts = torch.bincount(flat, minlength=table.shape[0])
+            offsets = torch.cumsum(counts, 0) - counts
+            bag = torch.div(order, k, rounding_mode="floor")
+            g = grad.to(table.dtype)
+            w_sorted = weights.reshape(-1, 4)[order]
+            blocks = table.shape[0] // sum(h * w for h, w in ctx.padded_shapes)
+            g_table = torch.zeros_like(table).view(blocks, -1, table.shape[1])
+            start = 0
+            parts = [
+                F.embedding_bag(bag, g, offsets, per_sample_weights=w_sorted[:, c].contiguous(), mode="sum")
+                .view(blocks, -1, table.shape[1])
+                for c in range(4)
+            ]
+            for hp, wp in ctx.padded_shapes:
+                size = hp * wp
+                for c, off in enumerate((0, 1, wp, wp + 1)):
+                    # No point's top-left corner lies in the last W' + 1 rows of a level (clamp),
+                    # so the shift stays inside the level.
+                    g_table[:, start + off : start + size] += parts[c][:, start : start + size - off]
+                start += size
+            g_table = g_table.view_as(table)
+        return g_table, None, g_weights, None, None
+
+
+def _corner_offsets(padded_shapes: list[tuple[int, int]], n_points: int, device) -> Tensor:
+    """(L*P, 4) row offsets of the 4 corners from the top-left one, per sampling point."""
+    offs = torch.tensor([[0, 1, wp, wp + 1] for _, wp in padded_shapes], device=device)
+    return offs.repeat_interleave(n_points, 0)
