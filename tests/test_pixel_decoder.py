@@ -59,7 +59,7 @@ def test_gather_gradients_are_exact():
     shapes = [(3, 4), (2, 3), (1, 1)]
     inputs = [t.requires_grad_() for t in _inputs(torch.float64, shapes)]
     assert torch.autograd.gradcheck(
-        lambda v, l, w: ms_deform_attn(v, shapes, l, w, "gather"), inputs, eps=1e-6, atol=1e-7
+        lambda v, loc, w: ms_deform_attn(v, shapes, loc, w, "gather"), inputs, eps=1e-6, atol=1e-7
     )
 
 

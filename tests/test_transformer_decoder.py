@@ -59,7 +59,9 @@ def test_sets_predicted_together_equal_one_by_one():
         return sum((m * wm).sum() + (e * we).sum() for (m, e), wm, we in zip(preds, *weights))
 
     together = dec._predict_sets(heads, mf)
-    g_together = torch.autograd.grad(loss(together), [mf, *dec.parameters()], retain_graph=True, allow_unused=True)
+    g_together = torch.autograd.grad(
+        loss(together), [mf, *dec.parameters()], retain_graph=True, allow_unused=True
+    )
     alone = [dec._predict_sets([h], mf)[0] for h in heads]
     g_alone = torch.autograd.grad(loss(alone), [mf, *dec.parameters()], allow_unused=True)
     for (m1, e1), (m2, e2) in zip(together, alone):

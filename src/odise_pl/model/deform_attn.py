@@ -171,8 +171,9 @@ class _CornerGather(torch.autograd.Function):
             g_table = torch.zeros_like(table).view(blocks, -1, table.shape[1])
             start = 0
             parts = [
-                F.embedding_bag(bag, g, offsets, per_sample_weights=w_sorted[:, c].contiguous(), mode="sum")
-                .view(blocks, -1, table.shape[1])
+                F.embedding_bag(
+                    bag, g, offsets, per_sample_weights=w_sorted[:, c].contiguous(), mode="sum"
+                ).view(blocks, -1, table.shape[1])
                 for c in range(4)
             ]
             for hp, wp in ctx.padded_shapes:

@@ -138,7 +138,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.pe = PositionEmbeddingSine(conv_dim // 2)
         self.layers = nn.ModuleList(
             [
-                DeformEncoderLayer(conv_dim, n, num_heads, num_points, dim_feedforward, dropout, deform_attn_impl)
+                DeformEncoderLayer(
+                    conv_dim, n, num_heads, num_points, dim_feedforward, dropout, deform_attn_impl
+                )
                 for _ in range(num_layers)
             ]
         )

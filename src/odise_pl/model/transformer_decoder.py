@@ -114,7 +114,8 @@ class MaskedTransformerDecoder(nn.Module):
 
     def _attention_mask(self, output: Tensor, small_features: Tensor) -> tuple[Tensor, Tensor]:
         """(normed output (B, Q, C), mask embedding (B, Q, C)) and the next layer's attention mask
-        ``(B * heads, Q, h * w)`` (True = blocked)."""
+        ``(B * heads, Q, h * w)`` (True = blocked).
+        """
         out = self.decoder_norm(output)
         mask_embed = self.mask_embed(out)
         # Attend only inside the predicted mask. Mask2Former resizes the full-resolution mask logits
