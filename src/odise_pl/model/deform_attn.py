@@ -181,8 +181,9 @@ class _CornerGather(torch.autograd.Function):
             w_sorted = weights.reshape(-1, 4)[order]
             blocks = table.shape[0] // sum(h * w for h, w in ctx.padded_shapes)
             parts = [
-                F.embedding_bag(bag, g, offsets, per_sample_weights=w_sorted[:, c].contiguous(), mode="sum")
-                .view(blocks, -1, table.shape[1])
+                F.embedding_bag(
+                    bag, g, offsets, per_sample_weights=w_sorted[:, c].contiguous(), mode="sum"
+                ).view(blocks, -1, table.shape[1])
                 for c in range(4)
             ]
             g_table = parts[0].clone()
