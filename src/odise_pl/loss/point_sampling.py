@@ -48,7 +48,9 @@ def uncertain_point_coords(
     coords = sample_rand(n, (num_sampled, 2), seeds, 2 * salt, logits.device)
     uncertainty = -point_sample(logits, coords).abs()[:, 0]  # (N, num_sampled)
     num_uncertain = int(importance_ratio * num_points)
-    idx = uncertainty.topk(num_uncertain, dim=1).indices
+    # The order of the picked points does not matter to the loss (sums over points): unsorted
+    # top-k is 2x faster here.
+    idx = uncertainty.topk(num_uncertain, dim=1, sorted=False).indices
     picked = torch.gather(coords, 1, idx[..., None].expand(-1, -1, 2))
     rest = sample_rand(n, (num_points - num_uncertain, 2), seeds, 2 * salt + 1, logits.device)
     return torch.cat([picked, rest], dim=1)
