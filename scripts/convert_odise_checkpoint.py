@@ -6,6 +6,9 @@ trainable-only checkpoint (.safetensors), then evaluate it with our code:
     python -m odise_pl.eval experiment=label_1024 ckpt_path=odise_label.safetensors train_vocabulary=coco \
         datasets=[ade150,coco]
 
+A caption model (``odise_caption_coco_50e-853cc971.pth``) converts the same way; evaluate it with
+``experiment=caption_1024``.
+
 Our model is built in `weights.mode=random` only to read its parameter names and shapes (nothing is
 downloaded). Prints what was mapped, skipped (frozen: SD, CLIP, cached text embeddings) and what has
 no counterpart here; see odise_pl/convert.py for the mapping and its reasoning.
@@ -37,13 +40,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="their .pth (detectron2 checkpoint)")
     p.add_argument("output", help="our .safetensors")
-    p.add_argument("--experiment", default="label_1024", help="our experiment with the same architecture")
+    p.add_argument(
+        "--experiment",
+        default=None,
+        help="our experiment with the same architecture (default: caption_1024 for a caption model, "
+        "recognised by its objectness head, else label_1024)",
+    )
     p.add_argument("--override", action="append", default=[], help="extra Hydra override")
     p.add_argument("--weights-mode", default="random", help="how our model is built to read its shapes")
     a = p.parse_args(argv)
     try:
         theirs = read_their_checkpoint(a.checkpoint)
-        net, cfg = build_net(a.experiment, a.override, a.weights_mode)
+        experiment = a.experiment or (
+            "caption_1024" if "sem_seg_head.predictor.class_embed.weight" in theirs else "label_1024"
+        )
+        print(f"our architecture: experiment={experiment}")
+        net, cfg = build_net(experiment, a.override, a.weights_mode)
         bb = cfg.model.net.backbone
         order = their_feature_order(
             list(bb.unet_block_indices),

@@ -209,14 +209,27 @@ def test_label_model_maps_one_to_one(tiny_net, tmp_path):
     assert out["pred_masks"].shape[1] == 16
 
 
-def test_caption_model_reports_the_head_it_cannot_map(tiny_net):
-    theirs = their_state_dict(tiny_dims(tiny_net), caption=True)
-    _, report = convert_state_dict(theirs, tiny_net.trainable_state_dict(), TAPS)
-    assert [k.split(" ")[0] for k in report["no_counterpart"]] == [
-        "sem_seg_head.predictor.class_embed.weight",
-        "sem_seg_head.predictor.class_embed.bias",
-    ]
+def test_caption_model_maps_its_objectness_head(tmp_path):
+    cfg = cfg_for(tmp_path, "model.supervision=caption", "model.net.transformer_decoder.objectness=true")
+    net = build(cfg)[1].net
+    theirs = their_state_dict(tiny_dims(net), caption=True)
+    converted, report = convert_state_dict(theirs, net.trainable_state_dict(), TAPS)
+    for k in ("weight", "bias"):
+        assert torch.equal(
+            converted[f"transformer_decoder.class_embed.{k}"],
+            theirs[f"sem_seg_head.predictor.class_embed.{k}"],
+        )
+    # caption models have no null embedding (the objectness head scores no-object instead)
     assert report["missing"] == ["classifier.null_embed"] and report["unmapped"] == []
+    assert report["no_counterpart"] == []
+
+
+def test_caption_checkpoint_needs_the_caption_experiment(tiny_net):
+    theirs = their_state_dict(tiny_dims(tiny_net), caption=True)  # tiny_net: a label model
+    with pytest.raises(
+        CheckpointError, match="transformer_decoder.class_embed.weight, which this model does not"
+    ):
+        convert_state_dict(theirs, tiny_net.trainable_state_dict(), TAPS)
 
 
 def test_shape_mismatch_names_both_keys(tiny_net):

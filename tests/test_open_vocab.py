@@ -9,16 +9,28 @@ from odise_pl.inference.predictor import Predictor, seen_categories
 
 
 def test_ensemble_equals_eq10_on_hand_worked_numbers():
-    # diffusion side: p = [0.5, 0.3 | no-object 0.2]; CLIP side: c = [0.2, 0.8].
+    # Diffusion side over K + 1: [0.5, 0.3 | no-object 0.2]; over the K categories alone that is
+    # [0.625, 0.375]. CLIP side: c = [0.2, 0.8].
     diff = torch.tensor([0.5, 0.3, 0.2]).log()
     clip = torch.tensor([0.2, 0.8]).log()
     seen = torch.tensor([True, False])
     got = geometric_ensemble(diff, clip, seen)
-    a = 0.5**0.65 * 0.2**0.35  # seen: CLIP weight 0.35
-    b = 0.3**0.35 * 0.8**0.65  # novel: CLIP weight 0.65
-    z = a + b + 0.2
-    assert got.tolist() == pytest.approx([a / z, b / z, 0.2 / z])
+    a = 0.625**0.65 * 0.2**0.35  # seen: CLIP weight 0.35
+    b = 0.375**0.35 * 0.8**0.65  # novel: CLIP weight 0.65
+    # categories normalised and sharing 1 - p(no object); no object from the diffusion side
+    assert got.tolist() == pytest.approx([0.8 * a / (a + b), 0.8 * b / (a + b), 0.2])
     assert got.sum().item() == pytest.approx(1.0)
+
+
+def test_caption_models_take_no_object_from_the_objectness_head():
+    diff = torch.tensor([0.5, 0.3, 0.2]).log()  # the null column is ignored for the no-object share
+    clip = torch.tensor([0.2, 0.8]).log()
+    objectness = torch.tensor([0.9, 0.1]).log()  # p(object) 0.9, p(no object) 0.1
+    got = geometric_ensemble(diff, clip, torch.tensor([True, False]), objectness_logits=objectness)
+    a, b = 0.625**0.65 * 0.2**0.35, 0.375**0.35 * 0.8**0.65
+    assert got.tolist() == pytest.approx([0.9 * a / (a + b), 0.9 * b / (a + b), 0.1])
+    only = class_probabilities(diff[None, None], mode="diffusion", objectness_logits=objectness[None, None])
+    assert only[0, 0].tolist() == pytest.approx([0.9 * 0.625, 0.9 * 0.375, 0.1])
 
 
 def test_unseen_weight_is_0_65_and_seen_0_35():

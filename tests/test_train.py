@@ -9,6 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from PIL import Image
 
+from odise_pl.errors import ConfigError, find_user_error
+from odise_pl.model.odise import to_unit
 from odise_pl.train import CONFIG_DIR, build, train
 
 FAST = [
@@ -80,8 +82,10 @@ def test_entry_point_trains_validates_and_saves_trainable_only(tmp_path, capsys)
     assert trainer.global_step == 6
 
 
-def _fixed_batch_module(tmp_path, supervision):
-    cfg = cfg_for(tmp_path, f"model.supervision={supervision}", "model.warmup_steps=0")
+def _fixed_batch_module(tmp_path, supervision, *overrides):
+    if supervision == "caption":  # as the caption_* experiments: with the binary objectness head
+        overrides = ("model.net.transformer_decoder.objectness=true", *overrides)
+    cfg = cfg_for(tmp_path, f"model.supervision={supervision}", "model.warmup_steps=0", *overrides)
     datamodule, module, _ = build(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -102,9 +106,38 @@ def test_loss_decreases_over_50_steps(tmp_path, supervision):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    key = "loss_ground" if supervision == "caption" else "loss_ce"
-    assert key in module.compute_losses(batch)
+    final = module.compute_losses(batch)
+    assert "loss_ce" in final and ("loss_ground" in final) == (supervision == "caption")
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses[::10]
+
+
+def test_caption_objectness_is_a_one_class_problem(tmp_path):
+    """Caption supervision trains the binary head with the category loss on 2 columns: every
+    target is class 0 ("object"), so the loss equals the criterion's on relabelled targets."""
+    torch.manual_seed(0)
+    module, batch = _fixed_batch_module(tmp_path, "caption")
+    torch.manual_seed(1)
+    losses = module.compute_losses(batch)
+    torch.manual_seed(1)
+    outputs = module.net(to_unit(batch["images"]), batch.get("captions"))
+    for out in [outputs, *outputs["aux_outputs"]]:
+        assert out["pred_objectness"].shape[-1] == 2
+        out["pred_logits"] = out["pred_objectness"]
+    zeros = [{**t, "labels": torch.zeros_like(t["labels"])} for t in batch["targets"]]
+    ref = module.criterion(outputs, zeros)
+    torch.testing.assert_close(losses["loss_ce"], ref["loss_ce"])
+    assert any(len(t["labels"]) and t["labels"].max() > 0 for t in batch["targets"])  # relabelling mattered
+
+
+def test_objectness_head_and_supervision_must_agree(tmp_path):
+    with pytest.raises(hydra.errors.InstantiationException) as err:
+        _fixed_batch_module(tmp_path, "label", "model.net.transformer_decoder.objectness=true")
+    # what the train / eval mains print as their one-line error
+    assert isinstance(find_user_error(err.value), ConfigError)
+    assert "objectness=true is the caption models" in str(find_user_error(err.value))
+    cfg = cfg_for(tmp_path, "model.supervision=caption")
+    with pytest.warns(UserWarning, match="without the objectness head"):
+        build(cfg)
 
 
 def test_frozen_parts_get_no_gradient_and_stay_bit_identical(tmp_path):

@@ -24,7 +24,7 @@ def test_attention_mask_equals_resized_full_resolution_logits():
     for size in ((4, 4), (8, 8), (16, 16)):
         small = F.interpolate(mf, size=size, mode="bilinear", align_corners=False)
         out, mask_embed, attn = dec._attention_mask(output, small)
-        ((masks, _),) = dec._predict_sets([(out, mask_embed)], mf)
+        masks = dec._predict_sets([(out, mask_embed)], mf)[0]["pred_masks"]
         # Mask2Former's way: resize the full-resolution logits, threshold the sigmoid at 0.5.
         ref_logits = F.interpolate(masks.detach(), size=size, mode="bilinear", align_corners=False)
         ref = (ref_logits.sigmoid().flatten(2) < 0.5).repeat_interleave(4, dim=0)
@@ -56,7 +56,9 @@ def test_sets_predicted_together_equal_one_by_one():
     weights = [torch.randn(2, 10, 32, 32) for _ in heads], [torch.randn(2, 10, 16) for _ in heads]
 
     def loss(preds):
-        return sum((m * wm).sum() + (e * we).sum() for (m, e), wm, we in zip(preds, *weights))
+        return sum(
+            (p["pred_masks"] * wm).sum() + (p["mask_embed"] * we).sum() for p, wm, we in zip(preds, *weights)
+        )
 
     together = dec._predict_sets(heads, mf)
     g_together = torch.autograd.grad(
@@ -64,11 +66,28 @@ def test_sets_predicted_together_equal_one_by_one():
     )
     alone = [dec._predict_sets([h], mf)[0] for h in heads]
     g_alone = torch.autograd.grad(loss(alone), [mf, *dec.parameters()], allow_unused=True)
-    for (m1, e1), (m2, e2) in zip(together, alone):
-        torch.testing.assert_close(m1, m2)
-        torch.testing.assert_close(e1, e2)
+    for p1, p2 in zip(together, alone):
+        torch.testing.assert_close(p1["pred_masks"], p2["pred_masks"])
+        torch.testing.assert_close(p1["mask_embed"], p2["mask_embed"])
     for a, b in zip(g_together, g_alone):
         if a is None:
             assert b is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_objectness_head_on_every_set_only_when_asked():
+    torch.manual_seed(0)
+    kw = dict(in_channels=32, mask_dim=32, hidden_dim=32, num_queries=10, num_heads=4, dim_feedforward=64)
+    dec = MaskedTransformerDecoder(**kw, num_layers=3, embed_dim=16, objectness=True).train()
+    _, ms, mf = make()
+    out = dec(ms, mf)
+    assert out["pred_objectness"].shape == (2, 10, 2)
+    assert all(a["pred_objectness"].shape == (2, 10, 2) for a in out["aux_outputs"])
+    # the head reads the normed query output of its own set: the final set's is the eval output
+    dec.eval()
+    with torch.no_grad():
+        ev = dec(ms, mf)
+    torch.testing.assert_close(ev["pred_objectness"], out["pred_objectness"].detach(), atol=1e-6, rtol=1e-5)
+    plain = MaskedTransformerDecoder(**kw, num_layers=3, embed_dim=16)
+    assert "pred_objectness" not in plain(ms, mf) and plain.class_embed is None

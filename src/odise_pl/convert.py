@@ -4,7 +4,8 @@ checkpoint (``.safetensors``): ``python scripts/convert_odise_checkpoint.py IN.p
 Their parameter names come from NVlabs/ODISE (``odise/modeling/backbone/feature_extractor.py``,
 ``odise/modeling/meta_arch/{ldm,odise}.py``) and Mask2Former (``MSDeformAttnPixelDecoder``,
 ``MultiScaleMaskedTransformerDecoder``); our modules keep their shapes, so the map is a renaming
-plus three reshapes:
+plus three reshapes (a caption model converts into a model with the objectness head,
+``experiment=caption_*``; a label model into one without, ``experiment=label_*``):
 
 * ``clip_project.positional_embedding`` (1, 77, D) -> ``captioner.pos_embed`` (77, D);
 * ``category_head.null_embed`` (1, D) -> ``classifier.null_embed`` (D,);
@@ -12,11 +13,9 @@ plus three reshapes:
   it is a constant added after the linear map, so it is folded into ``captioner.time_proj.bias``.
 
 Frozen weights in their file (Stable Diffusion, CLIP, cached text embeddings) are skipped: ours
-come from ``odise_pl.weights``. What cannot be mapped is listed, never silently dropped:
-the caption models' binary foreground/background class head (``sem_seg_head.predictor.class_embed``,
-a Linear(256, 2)) has no counterpart here (our caption models score "no object" with the null
-embedding), so a converted caption model keeps an untrained null embedding: its masks and mask
-embeddings are the authors', its no-object scores are not.
+come from ``odise_pl.weights``. What cannot be mapped is listed, never silently dropped. A caption
+model has no null embedding (its no-object score is the objectness head's), so the report lists
+``classifier.null_embed`` as left at initialisation: caption models do not use it.
 
 The file is read with ``torch.load(weights_only=True)``; detectron2 objects stored beside the
 weights (dataset metadata) are mapped to inert placeholders, so no code from the file runs.
@@ -109,6 +108,8 @@ _RULES: list[tuple[str, str]] = [
     ),
     (r"sem_seg_head\.predictor\.post_mask_embed\.logit_scale", "classifier.logit_scale"),
     (r"category_head\.null_embed", "classifier.null_embed"),
+    # the caption models' binary object / no-object head
+    (r"sem_seg_head\.predictor\.class_embed\.(weight|bias)", r"transformer_decoder.class_embed.\1"),
 ]
 
 # Frozen parts and buffers in their file: not ours to load (ours come from odise_pl.weights).
@@ -116,11 +117,8 @@ _FROZEN = re.compile(
     r"(backbone\.feature_extractor\.(ldm_extractor|clip)\.|(category_head|word_head|clip_head)\.clip\.|"
     r".*\.text_embed$|.*shared_noise$|pixel_(mean|std)$|criterion\.)"
 )
-# Kept in theirs, absent from ours by design (see module docstring).
-_NO_COUNTERPART = {
-    "sem_seg_head.predictor.class_embed.weight": "caption models' binary foreground/background head",
-    "sem_seg_head.predictor.class_embed.bias": "caption models' binary foreground/background head",
-}
+# Kept in theirs, absent from ours by design (key -> why); none at present.
+_NO_COUNTERPART: dict[str, str] = {}
 _TIME_POS = "backbone.feature_extractor.time_embed_project.positional_embedding"
 
 

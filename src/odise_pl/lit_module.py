@@ -81,6 +81,19 @@ class ODISELitModule(L.LightningModule):
             raise ValueError(f"supervision must be 'label' or 'caption', got {supervision!r}")
         self.net, self.criterion, self.grounding = net, criterion, grounding
         self.supervision = supervision
+        has_objectness = getattr(net.transformer_decoder, "class_embed", None) is not None
+        if supervision == "label" and has_objectness:
+            raise ConfigError(
+                "model.net.transformer_decoder.objectness=true is the caption models' binary head; "
+                "label supervision scores no-object with the null embedding: set it to false"
+            )
+        if supervision == "caption" and not has_objectness:
+            warnings.warn(
+                "caption supervision without the objectness head: nothing trains the no-object "
+                "score (the null embedding), so inference keeps spurious segments. Set "
+                "model.net.transformer_decoder.objectness=true (as the caption_* experiments do).",
+                stacklevel=2,
+            )
         self.optimizer_factory = optimizer
         self.warmup_steps, self.lr_milestones, self.lr_gamma = warmup_steps, list(lr_milestones), lr_gamma
         self.object_mask_threshold, self.overlap_threshold = object_mask_threshold, overlap_threshold
@@ -119,6 +132,13 @@ class ODISELitModule(L.LightningModule):
         targets = batch["targets"]
         if self.supervision == "label":
             self.net.classify(outputs, *self.net.text_embeddings(self.vocabulary))
+        elif "pred_objectness" in outputs:
+            # PARITY with the official caption models: a 1-class problem (every target "object",
+            # class 0; unmatched queries "no object"), the same class cost, weights and no-object
+            # weight as the category loss.
+            for out in [outputs, *outputs.get("aux_outputs", [])]:
+                out["pred_logits"] = out["pred_objectness"]
+            targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
         losses = self.criterion(outputs, targets)
         if self.supervision == "caption":
             if "words" not in batch:

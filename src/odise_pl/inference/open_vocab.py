@@ -14,24 +14,43 @@ MODES = ("ensemble", "diffusion", "clip")
 
 
 def geometric_ensemble(
-    diff_logits: Tensor, clip_logits: Tensor, seen: Tensor, alpha: float = 0.35, beta: float = 0.65
+    diff_logits: Tensor,
+    clip_logits: Tensor,
+    seen: Tensor,
+    alpha: float = 0.35,
+    beta: float = 0.65,
+    objectness_logits: Tensor | None = None,
 ) -> Tensor:
-    """Eq. 10 with per-category weights (PARITY with the official inference).
+    """Eq. 10 with per-category weights -> probabilities (..., K + 1) (last = no object).
 
-    diff_logits (..., K + 1) (last = no-object), clip_logits (..., K), seen (K,) bool
-    -> probabilities (..., K + 1): ``p_k = p_diff_k^(1 - w_k) * p_clip_k^w_k`` with ``w_k = alpha``
-    (0.35) for categories seen in training and ``beta`` (0.65) for novel ones -- the paper's
-    lambda is 1 - w; the no-object probability stays the diffusion side's; renormalised (Eq. 10's
-    "proportional to").
+    diff_logits (..., K + 1) (last = the null embedding's logit), clip_logits (..., K), seen (K,) bool.
+    PARITY with the official inference (``PoolingCLIPHead`` + ``ODISE.forward``), which fixes
+    what the paper's "proportional to" leaves open:
+
+    * p_diff = softmax over the K categories of the diffusion-side logits (the null excluded),
+      p_clip = softmax of the CLIP side;
+    * g_k = p_diff_k^(1 - w_k) * p_clip_k^w_k with w_k = ``alpha`` (0.35) for categories seen in
+      training and ``beta`` (0.65) for novel ones (the paper's lambda is 1 - w), normalised over k;
+    * the no-object probability p_0 comes from the diffusion side alone: softmax over K + 1 of
+      ``diff_logits`` (category models) or the binary objectness head (``objectness_logits``
+      (..., 2), caption models); the categories share 1 - p_0: ``[g * (1 - p_0), p_0]``.
     """
-    p = diff_logits.float().softmax(-1)
+    p = diff_logits[..., :-1].float().softmax(-1)
     c = clip_logits.float().softmax(-1)
     w = torch.where(
         seen.to(p.device), torch.tensor(alpha, device=p.device), torch.tensor(beta, device=p.device)
     )
-    cls = p[..., :-1].clamp_min(1e-12) ** (1 - w) * c.clamp_min(1e-12) ** w
-    out = torch.cat([cls, p[..., -1:]], dim=-1)
-    return out / out.sum(-1, keepdim=True)
+    g = p.clamp_min(1e-12) ** (1 - w) * c.clamp_min(1e-12) ** w
+    return _with_no_object(g / g.sum(-1, keepdim=True), diff_logits, objectness_logits)
+
+
+def _with_no_object(cls: Tensor, diff_logits: Tensor, objectness_logits: Tensor | None) -> Tensor:
+    """Category probabilities (..., K) summing to 1 -> (..., K + 1) with the no-object probability."""
+    if objectness_logits is None:
+        no_object = diff_logits.float().softmax(-1)[..., -1:]
+    else:
+        no_object = objectness_logits.float().softmax(-1)[..., -1:]
+    return torch.cat([cls * (1 - no_object), no_object], dim=-1)
 
 
 def clip_mask_logits(
@@ -61,18 +80,23 @@ def class_probabilities(
     mode: str = "ensemble",
     alpha: float = 0.35,
     beta: float = 0.65,
+    objectness_logits: Tensor | None = None,
 ) -> Tensor:
     """(B, Q, K + 1) probabilities per ``mode``: ``ensemble`` (Eq. 10), ``diffusion`` (Eq. 6 only),
-    ``clip`` (CLIP opinion for the classes, diffusion no-object).
+    ``clip`` (CLIP opinion for the categories); the no-object probability always comes from the
+    diffusion side: the null embedding, or ``objectness_logits`` (B, Q, 2) of a caption model's
+    binary head (see :func:`geometric_ensemble`).
     """
     if mode not in MODES:
         raise ValueError(f"open-vocabulary mode must be one of {MODES}, got {mode!r}")
     if mode == "diffusion":
-        return diff_logits.float().softmax(-1)
+        if objectness_logits is None:
+            return diff_logits.float().softmax(-1)
+        return _with_no_object(diff_logits[..., :-1].float().softmax(-1), diff_logits, objectness_logits)
     clip_logits = clip_mask_logits(dense, masks, text_embed, valid, clip_scale)
     k = clip_logits.shape[-1]
     if seen is None:
         seen = torch.zeros(k, dtype=torch.bool)
     if mode == "clip":
-        return geometric_ensemble(diff_logits, clip_logits, seen, alpha=1.0, beta=1.0)
-    return geometric_ensemble(diff_logits, clip_logits, seen, alpha, beta)
+        alpha = beta = 1.0
+    return geometric_ensemble(diff_logits, clip_logits, seen, alpha, beta, objectness_logits)

@@ -88,6 +88,7 @@ class Predictor:
         text_embed, valid = self.net.text_embeddings(vocabulary)
         diff_logits = self.net.classifier(outputs["mask_embed"], text_embed, valid)
         seen = seen_categories(vocabulary, self.train_vocabulary)
+        objectness = outputs.get("pred_objectness")  # caption models' no-object head
         masks = F.interpolate(
             outputs["pred_masks"], size=images.shape[-2:], mode="bilinear", align_corners=False
         )
@@ -110,6 +111,7 @@ class Predictor:
                 self.mode,
                 self.alpha,
                 self.beta,
+                None if objectness is None else objectness[i : i + 1],
             )[0]
             if (h, w) == (m["height"], m["width"]):
                 full = mi[0]  # already at the original size (resizing to the same size is a copy)

@@ -68,8 +68,9 @@ class MaskedTransformerDecoder(nn.Module):
 
         pred_masks: (B, Q, H/4, W/4) logits
         mask_embed: (B, Q, D)  the mask embedding z_i, D = embed_dim (CLIP's)
-        aux_outputs: [{pred_masks, mask_embed}] x num_layers  (learnable queries + all but the last
-            layer; training only: inference computes just their attention masks)
+        pred_objectness: (B, Q, 2) logits (object, no object), only with ``objectness``
+        aux_outputs: [{pred_masks, mask_embed[, pred_objectness]}] x num_layers  (learnable queries +
+            all but the last layer; training only: inference computes just their attention masks)
 
     Masked attention, ``num_layers`` layers round-robin over the 3 scales, predictions after the
     learnable queries and after every layer (deep supervision: num_layers + 1 sets).
@@ -77,6 +78,12 @@ class MaskedTransformerDecoder(nn.Module):
     Mask-embedding head (PARITY with the facts file): pixel features pooled inside each predicted
     mask (hard threshold 0.5 on the sigmoid, detached) -> LayerNorm + Linear, added to the query
     output, then LayerNorm + 3-layer MLP to ``embed_dim``.
+
+    ``objectness``: the official caption models' binary head (``class_embed``, Linear(hidden, 2) on
+    the normed query output): caption supervision has no category labels, so whether a query is
+    an object is learnt as a 1-class classification (all targets "object", unmatched queries "no
+    object"), and at test time it gives the no-object probability. Category models score "no
+    object" with the classifier's null embedding instead and leave it off.
     """
 
     def __init__(
@@ -92,6 +99,7 @@ class MaskedTransformerDecoder(nn.Module):
         dropout: float = 0.0,
         embed_dim: int = 768,
         num_levels: int = 3,
+        objectness: bool = False,
     ):
         super().__init__()
         self.num_heads, self.num_layers, self.num_levels = num_heads, num_layers, num_levels
@@ -111,6 +119,7 @@ class MaskedTransformerDecoder(nn.Module):
         # ODISE's mask-embedding head.
         self.pooled_proj = nn.Sequential(nn.LayerNorm(mask_dim), nn.Linear(mask_dim, hidden_dim))
         self.embed_head = nn.Sequential(nn.LayerNorm(hidden_dim), MLP(hidden_dim, hidden_dim, embed_dim, 3))
+        self.class_embed = nn.Linear(hidden_dim, 2) if objectness else None
 
     def _attention_mask(self, output: Tensor, small_features: Tensor) -> tuple[Tensor, Tensor]:
         """(normed output (B, Q, C), mask embedding (B, Q, C)) and the next layer's attention mask
@@ -129,8 +138,9 @@ class MaskedTransformerDecoder(nn.Module):
 
     def _predict_sets(
         self, heads: list[tuple[Tensor, Tensor]], mask_features: Tensor
-    ) -> list[tuple[Tensor, Tensor]]:
-        """(pred_masks (B, Q, H, W), mask_embed (B, Q, D)) for each (normed output, mask embedding).
+    ) -> list[dict[str, Tensor]]:
+        """``{pred_masks (B, Q, H, W), mask_embed (B, Q, D)[, pred_objectness (B, Q, 2)]}`` for each
+        (normed output, mask embedding).
 
         All prediction sets go through one product with the mask features (K = sets x queries)
         instead of one per set: the same arithmetic, but the backward pass into ``mask_features``
@@ -143,7 +153,11 @@ class MaskedTransformerDecoder(nn.Module):
         masks = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
         hard = (masks.detach() > 0).to(mask_features.dtype)  # sigmoid > 0.5
         embed = self.embed_head(out + self.pooled_proj(mask_pool(mask_features, hard)))
-        return list(zip(masks.chunk(n, 1), embed.chunk(n, 1)))
+        sets = [{"pred_masks": m, "mask_embed": e} for m, e in zip(masks.chunk(n, 1), embed.chunk(n, 1))]
+        if self.class_embed is not None:
+            for d, o in zip(sets, self.class_embed(out).chunk(n, 1)):
+                d["pred_objectness"] = o
+        return sets
 
     def forward(self, multi_scale: list[Tensor], mask_features: Tensor) -> dict:
         srcs, pos, sizes = [], [], []
@@ -184,7 +198,7 @@ class MaskedTransformerDecoder(nn.Module):
         out = self.decoder_norm(output)
         heads.append((out, self.mask_embed(out)))
         preds = self._predict_sets(heads, mask_features)
-        result = {"pred_masks": preds[-1][0], "mask_embed": preds[-1][1]}
+        result = preds[-1]
         if full:
-            result["aux_outputs"] = [{"pred_masks": m, "mask_embed": e} for m, e in preds[:-1]]
+            result["aux_outputs"] = preds[:-1]
         return result
