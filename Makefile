@@ -38,7 +38,7 @@ test-slow: setup ## run the slow tests too (full-size random-weight models; minu
 smoke-full: setup ## full-size caption_512 with random weights, 2 training steps on CPU
 	$(PY) -m pytest -q -m slow tests/test_smoke_full.py $(ARGS)
 
-bench: setup ## benchmarks: ours vs a baseline measured in the same run (prints ratios; ~13 min on 2 cores)
+bench: setup ## benchmarks: ours vs a baseline measured in the same run (prints ratios; 10-15 min on 2 cores)
 	@mkdir -p benchmarks/out
 	@set -o pipefail; { \
 	  echo "# make bench, $$(date -u +%F) on $$($(PY) -c 'import platform, os; print(platform.processor() or platform.machine(), os.cpu_count(), "cores")')"; \

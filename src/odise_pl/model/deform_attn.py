@@ -39,6 +39,13 @@ def ms_deform_attn(
     if impl == "auto":
         impl = "gather" if value.device.type == "cpu" else "grid_sample"
     if impl == "gather":
+        if value.device.type != "cpu":
+            # Its backward relies on CPU semantics of sparse kernels (unsorted, repeated columns in
+            # sampled_addmm) that have not been checked on other devices.
+            raise ValueError(
+                f"deformable attention impl 'gather' is tested on CPU only, got a {value.device.type} "
+                "tensor: use pixel_decoder.deform_attn_impl=auto or grid_sample"
+            )
         return _ms_deform_attn_gather(value, shapes, locations, weights)
     if impl == "grid_sample":
         return _ms_deform_attn_grid_sample(value, shapes, locations, weights)
