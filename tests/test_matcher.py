@@ -82,6 +82,18 @@ def test_pairwise_costs_equal_float64_loops():
                 assert abs(ce[b, q, n] - ref_ce) < 1e-9 and abs(dice[b, q, n] - ref_dice) < 1e-9
 
 
+def test_ce_cost_in_float32_at_full_size_matches_float64_bce():
+    """The one-product form keeps float32 accuracy with 12544 points and large logits."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 12544) * 12
+    t = (torch.rand(1, 5, 12544) > 0.5).float()
+    x64, t64 = x.double(), t.double()
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(
+        x64[0, :, None].expand(-1, 5, -1), t64[0, None].expand(8, -1, -1), reduction="none"
+    ).mean(-1)[None]
+    torch.testing.assert_close(batch_sigmoid_ce_cost(x, t).double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_nan_predictions_do_not_crash_the_solver():
     matcher = HungarianMatcher(num_points=50)
     out = {"pred_masks": torch.full((1, 4, 8, 8), float("nan")), "pred_logits": torch.randn(1, 4, 3)}

@@ -17,9 +17,10 @@ def batch_sigmoid_ce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
     inputs (B, Q, P) logits, targets (B, N, P) in {0, 1} -> (B, Q, N).
     """
     p = inputs.shape[-1]
-    pos = F.binary_cross_entropy_with_logits(inputs, torch.ones_like(inputs), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
-    return (pos @ targets.transpose(1, 2) + neg @ (1 - targets).transpose(1, 2)) / p
+    # BCE(x, 0) = softplus(x) and BCE(x, 1) = softplus(-x) = softplus(x) - x, so
+    # sum_p t BCE(x, 1) + (1 - t) BCE(x, 0) = sum_p softplus(x) - x . t: one matrix product
+    # instead of Mask2Former's two, and no all-ones / all-zeros target tensors.
+    return (F.softplus(inputs).sum(-1, keepdim=True) - inputs @ targets.transpose(1, 2)) / p
 
 
 def batch_dice_cost(inputs: Tensor, targets: Tensor) -> Tensor:
