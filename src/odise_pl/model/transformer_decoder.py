@@ -121,7 +121,7 @@ class MaskedTransformerDecoder(nn.Module):
         self.embed_head = nn.Sequential(nn.LayerNorm(hidden_dim), MLP(hidden_dim, hidden_dim, embed_dim, 3))
         self.class_embed = nn.Linear(hidden_dim, 2) if objectness else None
 
-    def _attention_mask(self, output: Tensor, small_features: Tensor) -> tuple[Tensor, Tensor]:
+    def _attention_mask(self, output: Tensor, small_features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(normed output (B, Q, C), mask embedding (B, Q, C)) and the next layer's attention mask
         ``(B * heads, Q, h * w)`` (True = blocked).
         """
