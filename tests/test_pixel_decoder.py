@@ -90,6 +90,14 @@ def test_unknown_impl_is_rejected():
     value, loc, wts = _inputs(torch.float32, [(2, 2)])
     with pytest.raises(ValueError, match="gather, grid_sample or auto"):
         ms_deform_attn(value, [(2, 2)], loc, wts, "cuda_ext")
+    with pytest.raises(ValueError, match="gather, grid_sample or auto"):  # at construction
+        MSDeformAttnPixelDecoder(in_channels=16, conv_dim=32, num_layers=1, deform_attn_impl="cuda_ext")
+
+
+def test_gather_refuses_devices_it_was_not_checked_on():
+    value, loc, wts = (t.to("meta") for t in _inputs(torch.float32, [(2, 2)]))
+    with pytest.raises(ValueError, match="tested on CPU only, got a meta tensor"):
+        ms_deform_attn(value, [(2, 2)], loc, wts, "gather")
 
 
 def test_pixel_decoder_shapes():

@@ -19,10 +19,21 @@ Both equal a per-point loop (``tests/test_pixel_decoder.py``), values and gradie
 from __future__ import annotations
 
 import warnings
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+Impl = Literal["auto", "gather", "grid_sample"]
+IMPLS = ("auto", "gather", "grid_sample")
+
+
+def check_impl(impl: str) -> str:
+    """``impl`` if it names an implementation, else a ValueError naming the choices."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown deformable-attention impl {impl!r}: use gather, grid_sample or auto")
+    return impl
 
 
 def ms_deform_attn(
@@ -30,14 +41,14 @@ def ms_deform_attn(
     shapes: list[tuple[int, int]],
     locations: Tensor,
     weights: Tensor,
-    impl: str = "auto",
+    impl: Impl = "auto",
 ) -> Tensor:
     """value: (B, S, M, Dh) with S = sum(h_l * w_l); locations: (B, Lq, M, L, P, 2) in [0, 1] (x, y);
     weights: (B, Lq, M, L, P) -> (B, Lq, M * Dh).
 
     ``impl``: ``gather`` | ``grid_sample`` | ``auto`` (``gather`` on CPU, ``grid_sample`` elsewhere).
     """
-    if impl == "auto":
+    if check_impl(impl) == "auto":
         impl = "gather" if value.device.type == "cpu" else "grid_sample"
     if impl == "gather":
         if value.device.type != "cpu":
@@ -48,9 +59,7 @@ def ms_deform_attn(
                 "tensor: use pixel_decoder.deform_attn_impl=auto or grid_sample"
             )
         return _ms_deform_attn_gather(value, shapes, locations, weights)
-    if impl == "grid_sample":
-        return _ms_deform_attn_grid_sample(value, shapes, locations, weights)
-    raise ValueError(f"unknown deformable-attention impl {impl!r}: use gather, grid_sample or auto")
+    return _ms_deform_attn_grid_sample(value, shapes, locations, weights)
 
 
 def _ms_deform_attn_grid_sample(

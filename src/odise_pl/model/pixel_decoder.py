@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from odise_pl.model.deform_attn import ms_deform_attn
+from odise_pl.model.deform_attn import Impl, check_impl, ms_deform_attn
 from odise_pl.model.position_encoding import PositionEmbeddingSine
 
 
@@ -24,10 +24,10 @@ class MSDeformAttn(nn.Module):
     """
 
     def __init__(
-        self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4, impl: str = "auto"
+        self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4, impl: Impl = "auto"
     ):
         super().__init__()
-        self.impl = impl
+        self.impl = check_impl(impl)  # at construction, not at the first forward
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
@@ -81,7 +81,7 @@ class DeformEncoderLayer(nn.Module):
         n_points: int,
         dim_feedforward: int,
         dropout: float,
-        impl: str = "auto",
+        impl: Impl = "auto",
     ):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl)
@@ -122,7 +122,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         num_points: int = 4,
         dim_feedforward: int = 1024,
         dropout: float = 0.0,
-        deform_attn_impl: str = "auto",
+        deform_attn_impl: Impl = "auto",  # checked against the config by odise_pl.config
     ):
         super().__init__()
         self.transformer_levels = ("s5", "s4", "s3")
