@@ -121,3 +121,61 @@ def test_cli_prints_table_and_writes_json(gt_and_pred, tmp_path, capsys):
     res = json.load(open(out))
     assert set(res) == {"All", "Things", "Stuff", "per_class"} and 0 <= res["All"]["pq"] <= 1
     assert main(["--gt-json", "nope.json", "--gt-folder", ".", "--pred-json", "x", "--pred-folder", "."]) == 2
+
+
+def _noisy_case(rng, h, w, noise):
+    """A blocky GT map (large 24-bit ids, crowd, VOID, an id its JSON does not list) and a
+    prediction that copies it with a fraction ``noise`` of pixels set to random predicted ids."""
+    n_gt = 8
+    gt_ids = rng.choice(np.arange(1, 1 << 24), size=n_gt + 1, replace=False)
+    blocks = rng.integers(0, n_gt + 2, size=(h // 4 + 1, w // 4 + 1))
+    table = np.concatenate([[0], gt_ids])  # block value 0 -> VOID, n_gt + 1 -> unlisted id
+    gt = table[blocks].repeat(4, 0).repeat(4, 1)[:h, :w]
+    gt_segs = [
+        {"id": int(i), "category_id": int(1 + k % 3), "iscrowd": int(k == 1), "area": int((gt == i).sum())}
+        for k, i in enumerate(gt_ids[:n_gt])
+        if (gt == i).any()
+    ]
+    pred = gt.copy()
+    pred[np.isin(pred, gt_ids[n_gt:])] = 0  # the unlisted GT id is not a prediction
+    mask = rng.random((h, w)) < noise
+    pred[mask] = rng.choice([0, 777, 99999, 1 << 23], size=int(mask.sum()))
+    p_ids = [int(i) for i in np.unique(pred) if i]
+    p_segs = [{"id": i, "category_id": int(1 + i % 3)} for i in p_ids]
+    return gt, gt_segs, pred, p_segs
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.05, 1.0])
+def test_agrees_with_coco_api_on_noisy_maps(tmp_path, noise):
+    # From piecewise-constant maps (few long runs) to every pixel its own run: the run-length pair
+    # count must give the COCO API's numbers either way.
+    from odise_pl.data.synthetic import ids_to_rgb
+    from PIL import Image
+
+    rng = np.random.default_rng(int(noise * 100))
+    cats = [{"id": c, "name": f"c{c}", "isthing": int(c != 3)} for c in (1, 2, 3)]
+    gt_json, pred_json = {"categories": cats, "annotations": []}, {"annotations": []}
+    for d in ("gt", "pred"):
+        (tmp_path / d).mkdir()
+    for img in range(4):
+        gt, gt_segs, pred, p_segs = _noisy_case(rng, 37 + 8 * img, 53, noise)
+        name = f"{img}.png"
+        Image.fromarray(ids_to_rgb(gt)).save(tmp_path / "gt" / name)
+        Image.fromarray(ids_to_rgb(pred)).save(tmp_path / "pred" / name)
+        gt_json["annotations"].append({"image_id": img, "file_name": name, "segments_info": gt_segs})
+        pred_json["annotations"].append({"image_id": img, "file_name": name, "segments_info": p_segs})
+    gt_json["images"] = [{"id": i, "file_name": f"{i}.jpg"} for i in range(4)]
+    json.dump(gt_json, open(tmp_path / "gt.json", "w"))
+    json.dump(pred_json, open(tmp_path / "pred.json", "w"))
+    args = (tmp_path / "gt.json", tmp_path / "gt", tmp_path / "pred.json", tmp_path / "pred")
+    ref = coco_api(*args)
+    ours = evaluate_files(*args, workers=1)
+    assert ref["All"]["n"] > 0
+    for group in ("All", "Things", "Stuff"):
+        for m in ("pq", "sq", "rq"):
+            assert ours[group][m] == pytest.approx(ref[group][m], abs=1e-12), (group, m)
+
+
+def test_empty_image_counts_nothing():
+    empty = np.zeros((0, 5), np.uint32)
+    assert not image_stats(empty, [], empty, [], {1: 0}).any()

@@ -10,8 +10,9 @@ ground-truth ids that the JSON does not list are ignored. PQ, SQ, RQ average ove
 with at least one TP, FP or FN.
 
 Why ours and not the COCO code: per image it builds the whole (gt x pred) intersection table with
-one ``bincount`` instead of ``np.unique`` over a 64-bit product image plus Python loops, so it runs
-close to the cost of decoding the PNGs; it also works in memory for validation during training.
+one ``bincount`` over the raster runs of (gt id, pred id) pairs, instead of ``np.unique`` over a
+64-bit product image plus Python loops, so it runs close to the cost of decoding the PNGs; it also
+works in memory for validation during training.
 
 ``python -m odise_pl.evaluation.panoptic_quality --gt-json F --gt-folder D --pred-json F --pred-folder D
 [--output results.json] [--workers N]`` prints the PQ table and writes COCO-API-shaped JSON.
@@ -46,7 +47,7 @@ def _index(ids: np.ndarray, known: list[int]) -> np.ndarray:
     """Per pixel: 0 for ids not in ``known`` and not 0, 1 for VOID (0), 2 + k for ``known[k]``.
 
     A lookup table over all 2^24 ids (32 MB, once per process) of which only this image's few
-    entries are set and then cleared: one gather per pixel, no sort.
+    entries are set and then cleared: one gather per entry, no sort, whatever the number of runs.
     """
     global _LUT
     if _LUT is None:
@@ -63,6 +64,27 @@ def _index(ids: np.ndarray, known: list[int]) -> np.ndarray:
     finally:
         _LUT[keys] = 0
         _LUT[0] = 0
+
+
+def _runs(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat (N,) gt and pred ids -> the (gt id, pred id) runs in raster order: (R,) gt id, (R,) pred
+    id, (R,) length.
+
+    Panoptic maps are piecewise constant (COCO-like 512-768 px scenes: R ~ 5% of N), so the id
+    lookups and the pair count then touch R entries instead of N pixels: three cheap comparison
+    passes replace two table gathers and a full-size ``bincount``. A map with no runs (noise)
+    costs about what the per-pixel version does.
+    """
+    if gt.size == 0:
+        empty = np.zeros(0, dtype=np.intp)
+        return gt[:0], pred[:0], empty
+    change = gt[1:] != gt[:-1]
+    change |= pred[1:] != pred[:-1]
+    ends = np.flatnonzero(change)
+    starts = np.empty(len(ends) + 1, dtype=np.intp)
+    starts[0] = 0
+    np.add(ends, 1, out=starts[1:])
+    return gt[starts], pred[starts], np.diff(starts, append=gt.size)
 
 
 def image_stats(
@@ -90,18 +112,16 @@ def image_stats(
                 f"{image}: prediction segment {s['id']} has unknown category_id {s['category_id']}"
             )
     g_list = list(gt_segments)
+    g_run, p_run, run_len = _runs(gt_ids.ravel(), pred_ids.ravel())
     # Rows / columns: 0 = id not in the JSON, 1 = VOID, 2 + k = k-th segment of the JSON.
-    gi = _index(gt_ids, [s["id"] for s in g_list])
-    pi = _index(pred_ids, [s["id"] for s in p_list])
+    gi = _index(g_run, [s["id"] for s in g_list])
+    pi = _index(p_run, [s["id"] for s in p_list])
     n_g, n_p = len(g_list) + 2, len(p_list) + 2
-    if n_g * n_p <= 1 << 16:  # the usual case: the joint index fits 16 bits, no widening copy
-        joint = gi * np.uint16(n_p)
-        joint += pi
-    else:
-        joint = gi.astype(np.intp) * n_p + pi
-    inter = np.bincount(joint, minlength=n_g * n_p).reshape(n_g, n_p)
+    joint = gi.astype(np.intp) * n_p + pi
+    # Float weights count exactly below 2^53 pixels.
+    inter = np.bincount(joint, weights=run_len, minlength=n_g * n_p).astype(np.int64).reshape(n_g, n_p)
     if inter[:, 0].any():
-        bad = np.unique(pred_ids.ravel()[pi == 0])[:10].tolist()
+        bad = np.unique(p_run[pi == 0])[:10].tolist()
         raise PanopticEvalError(f"{image}: segment ids {bad} are in the prediction PNG but not in its JSON")
     pred_area = inter.sum(0)
     missing = [p_list[j]["id"] for j in range(len(p_list)) if pred_area[j + 2] == 0]
