@@ -149,8 +149,9 @@ def _noisy_case(rng, h, w, noise):
 def test_agrees_with_coco_api_on_noisy_maps(tmp_path, noise):
     # From piecewise-constant maps (few long runs) to every pixel its own run: the run-length pair
     # count must give the COCO API's numbers either way.
-    from odise_pl.data.synthetic import ids_to_rgb
     from PIL import Image
+
+    from odise_pl.data.synthetic import ids_to_rgb
 
     rng = np.random.default_rng(int(noise * 100))
     cats = [{"id": c, "name": f"c{c}", "isthing": int(c != 3)} for c in (1, 2, 3)]
