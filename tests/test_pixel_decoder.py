@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from odise_pl.model.deform_attn import ms_deform_attn
+from odise_pl.model.deform_attn import ms_deform_attn, ms_deform_attn_from_offsets
 from odise_pl.model.pixel_decoder import MSDeformAttnPixelDecoder
 
 
@@ -108,3 +108,27 @@ def test_pixel_decoder_shapes():
     mask_features, ms = dec(feats)
     assert mask_features.shape == (2, 24, 64, 96)
     assert [tuple(x.shape[-2:]) for x in ms] == [(8, 12), (16, 24), (32, 48)]
+
+
+@pytest.mark.parametrize("impl", ["gather", "grid_sample"])
+def test_from_offsets_equals_locations_form(impl):
+    # The pixel decoder's entry point: reference points + offsets in pixels of each level, the same
+    # sampling locations as Deformable DETR's ref + offsets / (w, h); values and gradients.
+    shapes = [(5, 6), (3, 3), (2, 2)]
+    value, _, wts = _inputs(torch.float64, shapes, m=3, dh=4, lq=40, p=3, seed=4)
+    g = torch.Generator().manual_seed(5)
+    ref = torch.rand(2, 40, len(shapes), 2, dtype=torch.float64, generator=g)
+    off = torch.randn(2, 40, 3, len(shapes), 3, 2, dtype=torch.float64, generator=g) * 2
+    size = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float64)
+    grad = torch.randn(2, 40, 12, dtype=torch.float64, generator=g)
+    results = []
+    for form in ("offsets", "locations"):
+        x = [t.clone().requires_grad_() for t in (value, ref, off, wts)]
+        if form == "offsets":
+            out = ms_deform_attn_from_offsets(x[0], shapes, x[1], x[2], x[3], impl)
+        else:
+            loc = x[1][:, :, None, :, None, :] + x[2] / size[:, None, :]
+            out = ms_deform_attn(x[0], shapes, loc, x[3], impl)
+        results.append((out, *torch.autograd.grad(out, x, grad)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

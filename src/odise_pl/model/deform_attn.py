@@ -48,18 +48,53 @@ def ms_deform_attn(
 
     ``impl``: ``gather`` | ``grid_sample`` | ``auto`` (``gather`` on CPU, ``grid_sample`` elsewhere).
     """
+    if _resolve(impl, value) == "gather":
+        pix = locations * _sizes_xy(shapes, locations)[:, None, :] - 0.5
+        return _ms_deform_attn_gather(value, shapes, pix, weights)
+    return _ms_deform_attn_grid_sample(value, shapes, locations, weights)
+
+
+def ms_deform_attn_from_offsets(
+    value: Tensor,
+    shapes: list[tuple[int, int]],
+    reference_points: Tensor,
+    offsets: Tensor,
+    weights: Tensor,
+    impl: Impl = "auto",
+) -> Tensor:
+    """:func:`ms_deform_attn` at Deformable DETR's locations ``reference_points + offsets / (w_l, h_l)``,
+    given in parts: reference_points (B, Lq, L, 2) in [0, 1], offsets (B, Lq, M, L, P, 2) in pixels
+    of each level.
+
+    The ``gather`` implementation works in pixel coordinates, ``reference * (w, h) - 0.5 + offsets``:
+    one addition over the offsets instead of a division, an addition and a multiplication, forward
+    and backward, in each encoder layer.
+    """
+    sizes = _sizes_xy(shapes, offsets)  # (L, 2)
+    if _resolve(impl, value) == "gather":
+        base = reference_points * sizes - 0.5  # (B, Lq, L, 2): small
+        return _ms_deform_attn_gather(value, shapes, base[:, :, None, :, None, :] + offsets, weights)
+    locations = reference_points[:, :, None, :, None, :] + offsets / sizes[:, None, :]
+    return _ms_deform_attn_grid_sample(value, shapes, locations, weights)
+
+
+def _sizes_xy(shapes: list[tuple[int, int]], like: Tensor) -> Tensor:
+    """(L, 2) level sizes as (w, h), the order of (x, y)."""
+    return torch.tensor([[w, h] for h, w in shapes], dtype=like.dtype, device=like.device)
+
+
+def _resolve(impl: str, value: Tensor) -> str:
+    """``impl`` with ``auto`` resolved for ``value``'s device; refuses ``gather`` off the CPU."""
     if check_impl(impl) == "auto":
         impl = "gather" if value.device.type == "cpu" else "grid_sample"
-    if impl == "gather":
-        if value.device.type != "cpu":
-            # Its backward relies on CPU semantics of sparse kernels (unsorted, repeated columns in
-            # sampled_addmm) that have not been checked on other devices.
-            raise ValueError(
-                f"deformable attention impl 'gather' is tested on CPU only, got a {value.device.type} "
-                "tensor: use pixel_decoder.deform_attn_impl=auto or grid_sample"
-            )
-        return _ms_deform_attn_gather(value, shapes, locations, weights)
-    return _ms_deform_attn_grid_sample(value, shapes, locations, weights)
+    if impl == "gather" and value.device.type != "cpu":
+        # Its backward relies on CPU semantics of sparse kernels (unsorted, repeated columns in
+        # sampled_addmm) that have not been checked on other devices.
+        raise ValueError(
+            f"deformable attention impl 'gather' is tested on CPU only, got a {value.device.type} "
+            "tensor: use pixel_decoder.deform_attn_impl=auto or grid_sample"
+        )
+    return impl
 
 
 def _ms_deform_attn_grid_sample(
@@ -86,10 +121,13 @@ _PAD = 2  # zero border around every level of the value table (see _ms_deform_at
 
 
 def _ms_deform_attn_gather(
-    value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor
+    value: Tensor, shapes: list[tuple[int, int]], pix: Tensor, weights: Tensor
 ) -> Tensor:
+    """``pix``: (B, Lq, M, L, P, 2) sampling locations in pixel coordinates of each level
+    (align_corners=False: pixel centres at k + 0.5, so location * size - 0.5).
+    """
     b, _, m, dh = value.shape
-    _, lq, _, n_levels, n_points, _ = locations.shape
+    _, lq, _, n_levels, n_points, _ = pix.shape
     dev = value.device
     # Value table with a zero border of 2 around each level: a sampling point's 4 corners are then
     # always rows of the table (corners outside the map land on zeros, which is grid_sample's zero
@@ -106,17 +144,17 @@ def _ms_deform_attn_gather(
         1,
     )  # (B*M, S', Dh), S' = sum of padded level sizes; row (b, m, padded position)
     padded_sizes = [hp * wp for hp, wp in padded_shapes]
-    hw = torch.tensor(shapes, device=dev)
-    sizes = hw.flip(-1).to(locations.dtype)  # (L, 2) as (w, h), the order of (x, y)
-    # Pixel coordinates (align_corners=False: pixel centres at k + 0.5), split into the top-left
-    # corner and the fraction; the floor carries no gradient, as in grid_sample.
-    pix = locations * sizes[:, None, :] - 0.5  # (B, Lq, M, L, P, 2)
+    sizes = _sizes_xy(shapes, pix)
+    # The top-left corner and the fraction; the floor carries no gradient, as in grid_sample.
     corner = pix.detach().floor()
     frac = pix - corner
-    corner = torch.minimum(corner.clamp(min=-_PAD), sizes[:, None, :]).long() + _PAD
-    padded_w = torch.tensor([wp for _, wp in padded_shapes], device=dev)[:, None]  # (L, 1)
-    level_start = torch.tensor([0, *padded_sizes[:-1]], device=dev).cumsum(0)[:, None]
-    block = torch.arange(b * m, device=dev).view(b, 1, m, 1, 1) * sum(padded_sizes)
+    # int32 row indices where the table allows (always, short of ~2^31 rows): half the memory
+    # traffic of int64 in the index arithmetic, the gathers and the backward's sort.
+    idx = torch.int32 if b * m * sum(padded_sizes) < 2**31 else torch.int64
+    corner = torch.minimum(corner.clamp(min=-_PAD), sizes[:, None, :]).to(idx) + _PAD
+    padded_w = torch.tensor([wp for _, wp in padded_shapes], device=dev, dtype=idx)[:, None]  # (L, 1)
+    level_start = torch.tensor([0, *padded_sizes[:-1]], device=dev, dtype=idx).cumsum(0).to(idx)[:, None]
+    block = torch.arange(b * m, device=dev, dtype=idx).view(b, 1, m, 1, 1) * sum(padded_sizes)
     top_left = corner[..., 1] * padded_w + corner[..., 0] + level_start + block  # (B, Lq, M, L, P)
     out = _CornerGather.apply(
         table.reshape(-1, dh),
@@ -135,7 +173,7 @@ class _CornerGather(torch.autograd.Function):
 
     Corners c = (y0, x0), (y0, x1), (y1, x0), (y1, x1) at row offsets (0, 1, W', W' + 1) (W' the
     padded width of the point's level), bilinear weights w_c from the fraction (fx, fy).
-    table (R, D), rows grouped in blocks of padded levels; top_left (N, K) int64; frac (N, K, 2);
+    table (R, D), rows grouped in blocks of padded levels; top_left (N, K) int32 / int64; frac (N, K, 2);
     attn (N, K) -> (N, D). The corner weights' gradients are written out by hand: three times
     fewer passes over (N, K, 4) tensors than autograd through the products.
     """
@@ -147,7 +185,7 @@ class _CornerGather(torch.autograd.Function):
         a0 = attn - a1
         w01, w11 = a0 * fx, a1 * fx
         weights = torch.stack((a0 - w01, w01, a1 - w11, w11), -1).to(table.dtype)  # (N, K, 4)
-        rows = top_left[..., None] + _corner_offsets(padded_shapes, n_points, top_left.device)
+        rows = top_left[..., None] + _corner_offsets(padded_shapes, n_points, top_left.device, top_left.dtype)
         n = top_left.shape[0]
         ctx.save_for_backward(table, top_left, frac, attn, weights)
         ctx.padded_shapes, ctx.n_points = padded_shapes, n_points
@@ -163,9 +201,11 @@ class _CornerGather(torch.autograd.Function):
             # d out[n] / d weight of entry (k, c) = table[row]: one dot product per entry, a
             # sampled dense-dense product on the pattern of a CSR matrix with the entries as nonzeros.
             # The rows are recomputed (one add) rather than saved: 32 bytes per sampling point and layer.
-            rows = top_left[..., None] + _corner_offsets(ctx.padded_shapes, ctx.n_points, top_left.device)
+            rows = top_left[..., None] + _corner_offsets(
+                ctx.padded_shapes, ctx.n_points, top_left.device, top_left.dtype
+            )
             dt = torch.float32 if table.dtype in (torch.bfloat16, torch.float16) else table.dtype
-            crow = torch.arange(0, n * k * 4 + 1, k * 4, device=grad.device)
+            crow = torch.arange(0, n * k * 4 + 1, k * 4, device=grad.device, dtype=rows.dtype)
             with warnings.catch_warnings():  # "sparse CSR support is in beta": we test what we use
                 warnings.simplefilter("ignore", UserWarning)
                 pattern = torch.sparse_csr_tensor(
@@ -217,7 +257,7 @@ class _CornerGather(torch.autograd.Function):
         return g_table, None, g_frac, g_attn, None, None
 
 
-def _corner_offsets(padded_shapes: list[tuple[int, int]], n_points: int, device) -> Tensor:
+def _corner_offsets(padded_shapes: list[tuple[int, int]], n_points: int, device, dtype) -> Tensor:
     """(L*P, 4) row offsets of the 4 corners from the top-left one, per sampling point."""
-    offs = torch.tensor([[0, 1, wp, wp + 1] for _, wp in padded_shapes], device=device)
+    offs = torch.tensor([[0, 1, wp, wp + 1] for _, wp in padded_shapes], device=device, dtype=dtype)
     return offs.repeat_interleave(n_points, 0)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from odise_pl.model.deform_attn import Impl, check_impl, ms_deform_attn
+from odise_pl.model.deform_attn import Impl, check_impl, ms_deform_attn_from_offsets
 from odise_pl.model.position_encoding import PositionEmbeddingSine
 
 
@@ -63,11 +63,8 @@ class MSDeformAttn(nn.Module):
         v = self.value_proj(value).view(b, value.shape[1], m, self.d_model // m)
         offsets = self.sampling_offsets(query).view(b, lq, m, n_l, n_p, 2)
         weights = self.attention_weights(query).view(b, lq, m, n_l * n_p).softmax(-1).view(b, lq, m, n_l, n_p)
-        normaliser = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
-        locations = (
-            reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
-        )
-        return self.output_proj(ms_deform_attn(v, shapes, locations, weights, self.impl))
+        out = ms_deform_attn_from_offsets(v, shapes, reference_points, offsets, weights, self.impl)
+        return self.output_proj(out)
 
 
 class DeformEncoderLayer(nn.Module):
