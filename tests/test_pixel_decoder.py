@@ -132,3 +132,20 @@ def test_from_offsets_equals_locations_form(impl):
         results.append((out, *torch.autograd.grad(out, x, grad)))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_gather_int64_indices_give_the_same_result(monkeypatch):
+    # Past 2^31 table rows or sparse entries the gather switches to int64 indices; force it here.
+    from odise_pl.model import deform_attn
+
+    shapes = [(5, 6), (3, 3), (2, 2)]
+    value, loc, wts = _inputs(torch.float64, shapes, m=3, dh=4, lq=40, p=3, seed=6)
+    grad = torch.randn(2, 40, 12, dtype=torch.float64)
+    results = []
+    for limit in (2**31, 16):
+        monkeypatch.setattr(deform_attn, "_INT32_LIMIT", limit)
+        x = [t.clone().requires_grad_() for t in (value, loc, wts)]
+        out = ms_deform_attn(x[0], shapes, x[1], x[2], "gather")
+        results.append((out, *torch.autograd.grad(out, x, grad)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

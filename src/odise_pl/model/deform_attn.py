@@ -118,6 +118,7 @@ def _ms_deform_attn_grid_sample(
 
 
 _PAD = 2  # zero border around every level of the value table (see _ms_deform_attn_gather)
+_INT32_LIMIT = 2**31  # index sizes from which the gather uses int64 (a module constant for tests)
 
 
 def _ms_deform_attn_gather(
@@ -148,9 +149,10 @@ def _ms_deform_attn_gather(
     # The top-left corner and the fraction; the floor carries no gradient, as in grid_sample.
     corner = pix.detach().floor()
     frac = pix - corner
-    # int32 row indices where the table allows (always, short of ~2^31 rows): half the memory
-    # traffic of int64 in the index arithmetic, the gathers and the backward's sort.
-    idx = torch.int32 if b * m * sum(padded_sizes) < 2**31 else torch.int64
+    # int32 row indices (half the memory traffic of int64 in the index arithmetic, the gathers and
+    # the backward's sort) unless the table rows or the backward's sparse entries reach 2^31.
+    entries = b * lq * m * n_levels * n_points * 4
+    idx = torch.int32 if max(b * m * sum(padded_sizes), entries) < _INT32_LIMIT else torch.int64
     corner = torch.minimum(corner.clamp(min=-_PAD), sizes[:, None, :]).to(idx) + _PAD
     padded_w = torch.tensor([wp for _, wp in padded_shapes], device=dev, dtype=idx)[:, None]  # (L, 1)
     level_start = torch.tensor([0, *padded_sizes[:-1]], device=dev, dtype=idx).cumsum(0).to(idx)[:, None]
@@ -200,7 +202,7 @@ class _CornerGather(torch.autograd.Function):
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             # d out[n] / d weight of entry (k, c) = table[row]: one dot product per entry, a
             # sampled dense-dense product on the pattern of a CSR matrix with the entries as nonzeros.
-            # The rows are recomputed (one add) rather than saved: 32 bytes per sampling point and layer.
+            # The rows are recomputed (one add) rather than saved: 16 bytes per sampling point and layer.
             rows = top_left[..., None] + _corner_offsets(
                 ctx.padded_shapes, ctx.n_points, top_left.device, top_left.dtype
             )
