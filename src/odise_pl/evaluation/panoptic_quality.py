@@ -44,7 +44,7 @@ _LUT: np.ndarray | None = None
 
 
 def _index(ids: np.ndarray, known: list[int]) -> np.ndarray:
-    """Per pixel: 0 for ids not in ``known`` and not 0, 1 for VOID (0), 2 + k for ``known[k]``.
+    """Per entry of ``ids``: 0 for ids not in ``known`` and not 0, 1 for VOID (0), 2 + k for ``known[k]``.
 
     A lookup table over all 2^24 ids (32 MB, once per process) of which only this image's few
     entries are set and then cleared: one gather per entry, no sort, whatever the number of runs.
