@@ -46,10 +46,8 @@ def geometric_ensemble(
 
 def _with_no_object(cls: Tensor, diff_logits: Tensor, objectness_logits: Tensor | None) -> Tensor:
     """Category probabilities (..., K) summing to 1 -> (..., K + 1) with the no-object probability."""
-    if objectness_logits is None:
-        no_object = diff_logits.float().softmax(-1)[..., -1:]
-    else:
-        no_object = objectness_logits.float().softmax(-1)[..., -1:]
+    source = diff_logits if objectness_logits is None else objectness_logits
+    no_object = source.float().softmax(-1)[..., -1:]
     return torch.cat([cls * (1 - no_object), no_object], dim=-1)
 
 
@@ -90,8 +88,7 @@ def class_probabilities(
     if mode not in MODES:
         raise ValueError(f"open-vocabulary mode must be one of {MODES}, got {mode!r}")
     if mode == "diffusion":
-        if objectness_logits is None:
-            return diff_logits.float().softmax(-1)
+        # With the null embedding this is the softmax over K + 1: softmax over K times 1 - p_0.
         return _with_no_object(diff_logits[..., :-1].float().softmax(-1), diff_logits, objectness_logits)
     clip_logits = clip_mask_logits(dense, masks, text_embed, valid, clip_scale)
     k = clip_logits.shape[-1]
