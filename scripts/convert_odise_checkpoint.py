@@ -3,15 +3,16 @@
 trainable-only checkpoint (.safetensors), then evaluate it with our code:
 
     python scripts/convert_odise_checkpoint.py odise_label_coco_50e-b67d2efc.pth odise_label.safetensors
-    python -m odise_pl.eval experiment=label_1024 ckpt_path=odise_label.safetensors train_vocabulary=coco \
-        datasets=[ade150,coco]
+    python -m odise_pl.eval experiment=label_1024 ckpt_path=odise_label.safetensors datasets=[ade150,coco]
 
-A caption model (``odise_caption_coco_50e-853cc971.pth``) converts the same way; evaluate it with
-``experiment=caption_1024``.
+A caption model (``odise_caption_coco_50e-853cc971.pth``) converts the same way (recognised by its
+objectness head); evaluate it with ``experiment=caption_1024``.
 
-Our model is built in `weights.mode=random` only to read its parameter names and shapes (nothing is
-downloaded). Prints what was mapped, skipped (frozen: SD, CLIP, cached text embeddings) and what has
-no counterpart here; see odise_pl/convert.py for the mapping and its reasoning.
+Every trainable tensor of ours is taken from the file (a file lacking any is an error listing them);
+the file's frozen Stable Diffusion / CLIP weights are skipped (ours load from ``weights.*``) and its
+``criterion.empty_weight`` buffer is derived from our config. Our model is built with
+``weights.mode=meta`` only to read its names and shapes: nothing is downloaded or allocated.
+See odise_pl/convert.py for the mapping.
 """
 
 import argparse
@@ -20,10 +21,15 @@ import sys
 from safetensors.torch import save_file
 
 from odise_pl.checkpoint import CheckpointError
-from odise_pl.convert import convert_state_dict, read_their_checkpoint, their_feature_order
+from odise_pl.convert import (
+    convert_state_dict,
+    is_caption_checkpoint,
+    read_their_checkpoint,
+    their_feature_order,
+)
 
 
-def build_net(experiment: str, overrides: list[str], weights_mode: str = "random"):
+def build_net(experiment: str, overrides: list[str], weights_mode: str = "meta"):
     import hydra
     from hydra import compose, initialize_config_dir
 
@@ -47,13 +53,11 @@ def main(argv=None) -> int:
         "recognised by its objectness head, else label_1024)",
     )
     p.add_argument("--override", action="append", default=[], help="extra Hydra override")
-    p.add_argument("--weights-mode", default="random", help="how our model is built to read its shapes")
+    p.add_argument("--weights-mode", default="meta", help="how our model is built to read its shapes")
     a = p.parse_args(argv)
     try:
         theirs = read_their_checkpoint(a.checkpoint)
-        experiment = a.experiment or (
-            "caption_1024" if "sem_seg_head.predictor.class_embed.weight" in theirs else "label_1024"
-        )
+        experiment = a.experiment or ("caption_1024" if is_caption_checkpoint(theirs) else "label_1024")
         print(f"our architecture: experiment={experiment}")
         net, cfg = build_net(experiment, a.override, a.weights_mode)
         bb = cfg.model.net.backbone
@@ -68,15 +72,14 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(
-        f"mapped {len(converted)} tensors ({sum(v.numel() for v in converted.values()) / 1e6:.2f}M parameters)"
+        f"mapped {len(converted)} tensors ({sum(v.numel() for v in converted.values()) / 1e6:.2f}M values): "
+        "every trainable tensor of the model"
     )
-    print(f"skipped {len(report['skipped_frozen'])} frozen tensors (ours come from odise_pl.weights)")
-    for key in report["no_counterpart"]:
-        print(f"no counterpart here: {key}")
+    print(f"skipped {len(report['skipped_frozen'])} frozen tensors (ours load from weights.*)")
+    for key in report["derived"]:
+        print(f"not needed: {key}")
     for key in report["unmapped"]:
-        print(f"WARNING not mapped: {key}")
-    for key in report["missing"]:
-        print(f"WARNING left at initialisation: {key}")
+        print(f"WARNING not a tensor of a released ODISE model, ignored: {key}")
     save_file(
         {k: v.contiguous() for k, v in converted.items()}, a.output, metadata={"source": str(a.checkpoint)}
     )

@@ -120,6 +120,16 @@ def test_noise_is_shared_across_images_and_calls(tiny_backbone):
     torch.testing.assert_close(a[0], ((1 - abar).sqrt() * eps)[0])
 
 
+def test_shared_noise_is_drawn_at_the_native_size_and_resized(tiny_backbone):
+    # PARITY: randn(1, 4, S, S) from seed 42 (S = the UNet's sample size, 64 for SD v1), bicubic to other sizes
+    s = tiny_backbone.unet.config.sample_size
+    drawn = torch.randn(1, 4, s, s, generator=torch.Generator().manual_seed(42))
+    torch.testing.assert_close(tiny_backbone.noise((1, 4, s, s), "cpu", torch.float32), drawn, rtol=0, atol=0)
+    big = tiny_backbone.noise((2, 4, 2 * s, 3 * s), "cpu", torch.float32)
+    ref = torch.nn.functional.interpolate(drawn, size=(2 * s, 3 * s), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(big, ref, rtol=0, atol=0)
+
+
 def test_several_timesteps_concatenate_channels():
     bb = make_backbone(timesteps=(0, 100), vae_decoder_block_indices=())
     feats = bb(torch.rand(1, 3, 128, 128), torch.zeros(1, 77, bb.cross_attention_dim))
@@ -145,8 +155,8 @@ def test_time_offset_reaches_unet(tiny_backbone):
     images = torch.rand(1, 3, 128, 128)
     cond = torch.zeros(1, 77, tiny_backbone.cross_attention_dim)
     a = tiny_backbone(images, cond)["unet_up_11"]
-    b = tiny_backbone(images, cond, torch.ones(1, tiny_backbone.time_embed_dim))["unet_up_11"]
-    c = tiny_backbone(images, cond, torch.zeros(1, tiny_backbone.time_embed_dim))["unet_up_11"]
+    b = tiny_backbone(images, cond, torch.ones(1, 1, tiny_backbone.time_embed_dim))["unet_up_11"]
+    c = tiny_backbone(images, cond, torch.zeros(1, 1, tiny_backbone.time_embed_dim))["unet_up_11"]
     assert not torch.allclose(a, b)
     torch.testing.assert_close(a, c)
 
@@ -159,3 +169,13 @@ def test_tiny_modes_use_the_real_classes():
     assert isinstance(W.load_vae("tiny"), AutoencoderKL)
     assert isinstance(W.load_text_encoder("tiny"), CLIPTextModel)
     assert W.count_parameters(W.load_unet("tiny")) < 2_000_000
+
+
+def test_a_deep_copy_taps_its_own_modules(tiny_backbone):
+    import copy
+
+    twin = copy.deepcopy(tiny_backbone)
+    images, cond = torch.rand(1, 3, 128, 128), torch.zeros(1, 77, twin.cross_attention_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(images, cond), tiny_backbone(images, cond))
+    assert tiny_backbone._store == {} and twin._store == {}

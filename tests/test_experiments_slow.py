@@ -25,6 +25,7 @@ def test_every_experiment_one_step(tmp_path):
         "data.num_workers=0",
         f"data.synthetic={{root: {syn}, num_train: 2, num_val: 1, seed: 0}}",
         f"data.train_dataset.root={syn}",
+        "model.train_vocabulary=dataset",  # the synthetic categories are not COCO's
         "logger=csv",
         "data.val_transform.short_edge=128",
         "data.val_transform.max_size=256",

@@ -41,3 +41,16 @@ def test_gradient_checkpointing_changes_nothing():
 def test_missing_level_is_a_clear_error():
     with pytest.raises(ValueError, match=r"stride\(s\) \[4\]"):
         FeaturePyramid(feature_info={"a": (8, 32), "b": (8, 16), "c": (8, 8)})
+
+
+def test_identity_shortcut_where_widths_agree():
+    # PARITY: detectron2's BottleneckBlock has a projection shortcut only when in != out
+    fp = FeaturePyramid(
+        feature_info={"a": (16, 4), "b": (8, 8), "c": (16, 16), "d": (8, 32)}, out_channels=16
+    )
+    assert fp.blocks["a"].shortcut is None and fp.blocks["b"].shortcut is not None
+    block, x = fp.blocks["a"].eval(), torch.randn(1, 16, 8, 8)
+    y = block.norm3(
+        block.conv3(torch.relu(block.norm2(block.conv2(torch.relu(block.norm1(block.conv1(x)))))))
+    )
+    torch.testing.assert_close(block(x), torch.relu(y + x))

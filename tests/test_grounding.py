@@ -9,7 +9,8 @@ from odise_pl.loss.grounding import GroundingLoss
 
 
 def loop_reference(z, w, scale, softmax_over):
-    """Eq. 7-8 written as loops, float64."""
+    """Eq. 7-8 written as loops, float64; the two directions averaged (PARITY: the official
+    MaskGroundingCriterion's 0.5 * (image-to-text + text-to-image))."""
     z = torch.nn.functional.normalize(z.double(), dim=-1)
     w = torch.nn.functional.normalize(w.double(), dim=-1)
     b, n, _ = z.shape
@@ -28,8 +29,8 @@ def loop_reference(z, w, scale, softmax_over):
             g[m, c] = total / k
     loss = 0.0
     for m in range(b):
-        loss -= torch.log(torch.exp(scale * g[m, m]) / torch.exp(scale * g[m, :]).sum()) / b
-        loss -= torch.log(torch.exp(scale * g[m, m]) / torch.exp(scale * g[:, m]).sum()) / b
+        loss -= 0.5 * torch.log(torch.exp(scale * g[m, m]) / torch.exp(scale * g[m, :]).sum()) / b
+        loss -= 0.5 * torch.log(torch.exp(scale * g[m, m]) / torch.exp(scale * g[:, m]).sum()) / b
     return loss
 
 

@@ -1,34 +1,83 @@
+import copy
+
 import torch
 
 from odise_pl.inference.postprocess import panoptic_inference, semantic_inference
 
 
-def test_sliding_window_equals_per_window_backbone(tiny_odise):
-    # 128 x 320 with a 128 window and stride 128: windows at x = 0, 128, 192 (last aligned to the
-    # border); each feature location is the mean of the windows covering it.
-    m = tiny_odise.eval()
-    images = torch.rand(1, 3, 128, 320)
+def reference_slide(m, images, window):
+    """The official slide_forward written out: per window (stride = window, the last one aligned
+    to the border) backbone + pyramid at the window's own size, summed, / the window count."""
+    h, w = images.shape[-2:]
+    ys = sorted({min(y, h - window) for y in range(0, h, window)})
+    xs = sorted({min(x, w - window) for x in range(0, w, window)})
+    sums, counts = {}, {}
+    for y in ys:
+        for x in xs:
+            crop = images[..., y : y + window, x : x + window]
+            inp = torch.nn.functional.interpolate(
+                crop, size=(m.backbone_size,) * 2, mode="bicubic", antialias=True
+            )
+            inp = inp if window != m.backbone_size else crop
+            pyr = m.pyramid(m.backbone(inp, *m.captioner(inp)), (window, window))
+            for k, f in pyr.items():
+                s = m.pyramid.strides[k]
+                sums.setdefault(k, f.new_zeros(images.shape[0], f.shape[1], h // s, w // s))
+                counts.setdefault(k, f.new_zeros(h // s, w // s))
+                sums[k][..., y // s : (y + window) // s, x // s : (x + window) // s] += f
+                counts[k][y // s : (y + window) // s, x // s : (x + window) // s] += 1
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+def float64(m):
+    """A float64 copy: the windows batched through the backbone and the per-window reference add
+    the same float32 terms in different orders; in float64 only real differences remain."""
+    return copy.deepcopy(m).double().eval()
+
+
+def test_sliding_window_averages_per_window_pyramids(tiny_odise):
+    # 128 x 320 with the 128 backbone: windows at x = 0, 128, 192 (last aligned to the border)
+    m = float64(tiny_odise)
+    images = torch.rand(1, 3, 128, 320, dtype=torch.float64)
     with torch.no_grad():
-        feats = m.extract_features(images)
-        per = []
-        for x in (0, 128, 192):
-            crop = images[..., x : x + 128]
-            per.append((x, m.backbone(crop, *m.captioner(crop))))
-    name = "unet_up_11"  # stride 8
-    ref = torch.zeros_like(feats[name])
-    cnt = torch.zeros(1, 1, *ref.shape[-2:])
-    for x, f in per:
-        ref[..., x // 8 : x // 8 + 16] += f[name]
-        cnt[..., x // 8 : x // 8 + 16] += 1
-    torch.testing.assert_close(feats[name], ref / cnt)
-    assert m(images)["pred_masks"].shape[-2:] == (32, 80)
+        got, ref = m.features(images), reference_slide(m, images, 128)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-10)
+        assert m(images)["pred_masks"].shape[-2:] == (32, 80)
+
+
+def test_windows_smaller_than_the_backbone_are_resized_up(tiny_odise):
+    # short side 64 < 128: windows of 64 (x = 0, 64, 128), each resized to 128 for the backbone
+    m = float64(tiny_odise)
+    images = torch.rand(1, 3, 64, 192, dtype=torch.float64)
+    with torch.no_grad():
+        got, ref = m.features(images), reference_slide(m, images, 64)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-10)
+    assert got["s2"].shape[-2:] == (16, 48)
+
+
+def test_windows_one_per_pass_equal_all_together(tiny_odise):
+    m = float64(tiny_odise)
+    images = torch.rand(2, 3, 128, 256, dtype=torch.float64)
+    with torch.no_grad():
+        together = m.features(images)
+        m.windows_per_pass = 1
+        one = m.features(images)
+    for k in together:
+        torch.testing.assert_close(one[k], together[k], rtol=1e-10, atol=1e-10)
 
 
 def test_implicit_captioner_starts_from_the_empty_caption(tiny_odise, tiny_text_encoder):
     cond, offset = tiny_odise.captioner(torch.rand(2, 3, 64, 64))
     empty = tiny_text_encoder([""])
     torch.testing.assert_close(cond, empty.expand(2, -1, -1))
-    assert torch.count_nonzero(offset) == 0
+    assert offset.shape == (2, 1, tiny_odise.backbone.time_embed_dim) and torch.count_nonzero(offset) == 0
+
+
+def test_null_embedding_starts_at_clips_empty_string(tiny_odise, tiny_clip):
+    # PARITY: the label model's null embedding is CLIP's raw embedding of "" (then projected)
+    torch.testing.assert_close(tiny_odise.classifier.null_embed.detach()[0], tiny_clip.encode_text([""])[0])
 
 
 def test_panoptic_inference_hand_worked():

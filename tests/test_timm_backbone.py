@@ -28,7 +28,7 @@ def test_backbone_feeds_the_pyramid_and_stays_frozen(tmp_path, name):
     net = module.net
     assert type(net.backbone) is TimmBackbone and type(net.captioner).__name__ == "EmptyCaptioner"
     images = torch.rand(2, 3, 128, 192)
-    feats = net.extract_features(images)
+    feats = net.backbone(images, *net.captioner(images))
     info = net.backbone.feature_info()
     assert set(feats) == set(info)
     for key, (channels, _) in info.items():

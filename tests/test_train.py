@@ -85,7 +85,7 @@ def test_entry_point_trains_validates_and_saves_trainable_only(tmp_path, capsys)
 def _fixed_batch_module(tmp_path, supervision, *overrides):
     if supervision == "caption":  # as the caption_* experiments: with the binary objectness head
         overrides = ("model.net.transformer_decoder.objectness=true", *overrides)
-    cfg = cfg_for(tmp_path, f"model.supervision={supervision}", "model.warmup_steps=0", *overrides)
+    cfg = cfg_for(tmp_path, f"model.supervision={supervision}", *overrides)
     datamodule, module, _ = build(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -166,7 +166,19 @@ class _RecordLosses(L.Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
-def _run(tmp_path, out, max_steps, ckpt_path=None, workers=0):
+class _StopAfter(L.Callback):
+    """Ends training after ``steps`` steps of a longer run (an interruption: the schedule, which
+    follows trainer.max_steps, stays the full run's)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
+def _run(tmp_path, out, max_steps, ckpt_path=None, workers=0, stop_after=None):
     cfg = cfg_for(
         tmp_path,
         f"trainer.max_steps={max_steps}",
@@ -178,6 +190,8 @@ def _run(tmp_path, out, max_steps, ckpt_path=None, workers=0):
     datamodule, module, trainer = build(cfg)
     rec = _RecordLosses()
     trainer.callbacks.append(rec)
+    if stop_after:
+        trainer.callbacks.append(_StopAfter(stop_after))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     trained = {k: v.clone() for k, v in module.net.trainable_state_dict().items()}
     return rec.losses, trained
@@ -185,7 +199,7 @@ def _run(tmp_path, out, max_steps, ckpt_path=None, workers=0):
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     full, w_full = _run(tmp_path, tmp_path / "a", 6)
-    first, _ = _run(tmp_path, tmp_path / "b", 3)
+    first, _ = _run(tmp_path, tmp_path / "b", 6, stop_after=3)
     resumed, w_resumed = _run(
         tmp_path, tmp_path / "c", 6, ckpt_path=tmp_path / "b" / "checkpoints" / "last.ckpt"
     )
@@ -215,6 +229,17 @@ def test_global_batch_split():
         split_global_batch(64, 8, 3)
 
 
-def test_embedding_width_mismatch_is_a_clear_error(tmp_path):
-    with pytest.raises(hydra.errors.InstantiationException, match="embed_dim=32"):
-        build(cfg_for(tmp_path, "model.net.transformer_decoder.embed_dim=64"))
+def test_text_proj_maps_clip_to_any_mask_embedding_width(tmp_path):
+    # PARITY: text_proj = Linear(CLIP's width, projection dim); the mask embedding need not be CLIP-wide
+    net = build(cfg_for(tmp_path, "model.net.transformer_decoder.embed_dim=48"))[1].net
+    assert net.classifier.text_proj.in_features == net.clip.embed_dim == 32
+    assert net.classifier.text_proj.out_features == net.transformer_decoder.embed_dim == 48
+
+
+def test_a_training_vocabulary_that_does_not_fit_the_dataset_is_refused(tmp_path):
+    from odise_pl.data.vocab import VocabularyError
+
+    with pytest.raises(
+        VocabularyError, match="train_vocabulary=coco does not describe .*train_vocabulary=dataset"
+    ):
+        train(cfg_for(tmp_path, "model.train_vocabulary=coco"))

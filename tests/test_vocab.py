@@ -58,3 +58,20 @@ def test_shipped_dataset_vocabularies():
     assert len(merged) > 133 and len(set(merged.ids)) == len(merged)
     with pytest.raises(VocabularyError, match="unknown dataset vocabulary"):
         dataset_vocab("imagenet")
+
+
+def test_training_vocabulary_matches_the_dataset_by_id():
+    from odise_pl.data.synthetic import categories
+    from odise_pl.data.vocab import training_vocabulary
+
+    coco = dataset_vocab("coco")
+    # COCO panoptic's categories (any order in the JSON, contiguous by id): the synonym lists by id
+    cats = [{"id": i, "name": f"json name {i}"} for i in reversed(coco.ids)]
+    got = training_vocabulary("coco", cats)
+    assert got[-1] == coco.names[0] and got[-1][:2] == ["person", "child"]  # id 1: person + synonyms
+    assert training_vocabulary("dataset", cats)[0] == [f"json name {coco.ids[-1]}"]
+    # a dataset that is not COCO's, even where some ids coincide, is refused with the fix
+    with pytest.raises(VocabularyError, match=r"no category with id 101 \(grass\).*train_vocabulary=dataset"):
+        training_vocabulary("coco", categories())
+    with pytest.raises(VocabularyError, match="has 2 categories, coco 133"):
+        training_vocabulary("coco", cats[:2])

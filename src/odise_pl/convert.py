@@ -3,19 +3,15 @@ checkpoint (``.safetensors``): ``python scripts/convert_odise_checkpoint.py IN.p
 
 Their parameter names come from NVlabs/ODISE (``odise/modeling/backbone/feature_extractor.py``,
 ``odise/modeling/meta_arch/{ldm,odise}.py``) and Mask2Former (``MSDeformAttnPixelDecoder``,
-``MultiScaleMaskedTransformerDecoder``); our modules keep their shapes, so the map is a renaming
-plus three reshapes (a caption model converts into a model with the objectness head,
-``experiment=caption_*``; a label model into one without, ``experiment=label_*``):
+``MultiScaleMaskedTransformerDecoder``); our modules have the same tensors with the same shapes, so
+the map is a renaming. It is written once, from our names to theirs (:func:`official_name`), and
+inverted by enumerating our trainable state dict: every tensor of ours has exactly one source, a
+file that lacks any of them is an error listing the missing names, and whatever of theirs is left
+over is reported (frozen Stable Diffusion / CLIP weights, which ours load from ``odise_pl.weights``;
+the buffer ``criterion.empty_weight``, which our criterion derives from its config).
 
-* ``clip_project.positional_embedding`` (1, 77, D) -> ``captioner.pos_embed`` (77, D);
-* ``category_head.null_embed`` (1, D) -> ``classifier.null_embed`` (D,);
-* ``time_embed_project.positional_embedding`` (1, T, 1280): with one timestep (T = 1, as released)
-  it is a constant added after the linear map, so it is folded into ``captioner.time_proj.bias``.
-
-Frozen weights in their file (Stable Diffusion, CLIP, cached text embeddings) are skipped: ours
-come from ``odise_pl.weights``. What cannot be mapped is listed, never silently dropped. A caption
-model has no null embedding (its no-object score is the objectness head's), so the report lists
-``classifier.null_embed`` as left at initialisation: caption models do not use it.
+A caption model converts into a model with the objectness head (``experiment=caption_*``), a label
+model into one with the null embedding (``experiment=label_*``).
 
 The file is read with ``torch.load(weights_only=True)``; detectron2 objects stored beside the
 weights (dataset metadata) are mapped to inert placeholders, so no code from the file runs.
@@ -30,109 +26,113 @@ import torch
 
 from odise_pl.checkpoint import CheckpointError
 
-# Their key (regex) -> ours (template). Order matters: first match wins.
+_FE = "backbone.feature_extractor."
+_FP = "backbone.feature_projections.{tap}.0."
+_PD = "sem_seg_head.pixel_decoder."
+_TD = "sem_seg_head.predictor."
+
+# Our key (regex) -> theirs (template; {tap}: the tap's official feature index, {head}: category_head
+# for label models, word_head for caption models). First match wins.
 _RULES: list[tuple[str, str]] = [
-    # implicit captioner
-    (r"backbone\.feature_extractor\.clip_project\.linear\.(weight|bias)", r"captioner.proj.\1"),
-    (r"backbone\.feature_extractor\.clip_project\.positional_embedding", "captioner.pos_embed"),
-    (r"backbone\.feature_extractor\.alpha_cond", "captioner.alpha"),
-    (r"backbone\.feature_extractor\.time_embed_project\.linear\.(weight|bias)", r"captioner.time_proj.\1"),
-    (r"backbone\.feature_extractor\.alpha_cond_time_embed", "captioner.beta"),
-    # feature pyramid (detectron2 BottleneckBlock: convK.norm, shortcut.norm)
-    (r"backbone\.feature_projections\.(\d+)\.0\.conv(\d)\.weight", r"pyramid.blocks.{\1}.conv\2.weight"),
+    # implicit captioner (LdmImplicitCaptionerExtractor)
+    (r"captioner\.proj\.(weight|bias)", _FE + r"clip_project.linear.\1"),
+    (r"captioner\.pos_embed", _FE + "clip_project.positional_embedding"),
+    (r"captioner\.alpha", _FE + "alpha_cond"),
+    (r"captioner\.time_proj\.(weight|bias)", _FE + r"time_embed_project.linear.\1"),
+    (r"captioner\.time_pos_embed", _FE + "time_embed_project.positional_embedding"),
+    (r"captioner\.beta", _FE + "alpha_cond_time_embed"),
+    # feature pyramid (detectron2 BottleneckBlock, norm="GN": convK.norm, shortcut.norm)
+    (r"pyramid\.blocks\.(\w+)\.conv(\d)\.weight", _FP + r"conv\2.weight"),
+    (r"pyramid\.blocks\.(\w+)\.norm(\d)\.(weight|bias)", _FP + r"conv\2.norm.\3"),
+    (r"pyramid\.blocks\.(\w+)\.shortcut\.0\.weight", _FP + "shortcut.weight"),
+    (r"pyramid\.blocks\.(\w+)\.shortcut\.1\.(weight|bias)", _FP + r"shortcut.norm.\2"),
+    # pixel decoder (MSDeformAttnPixelDecoder)
+    (r"pixel_decoder\.input_proj\.(\d)\.([01])\.(weight|bias)", _PD + r"input_proj.\1.\2.\3"),
+    (r"pixel_decoder\.level_embed", _PD + "transformer.level_embed"),
+    (r"pixel_decoder\.layers\.(\d+)\.(.+)", _PD + r"transformer.encoder.layers.\1.\2"),
+    (r"pixel_decoder\.mask_features\.(weight|bias)", _PD + r"mask_features.\1"),
+    (r"pixel_decoder\.lateral\.0\.weight", _PD + "adapter_1.weight"),
+    (r"pixel_decoder\.lateral\.1\.(weight|bias)", _PD + r"adapter_1.norm.\1"),
+    (r"pixel_decoder\.output\.0\.weight", _PD + "layer_1.weight"),
+    (r"pixel_decoder\.output\.1\.(weight|bias)", _PD + r"layer_1.norm.\1"),
+    # transformer decoder (ODISEMultiScaleMaskedTransformerDecoder + PooledMaskEmbed)
+    (r"transformer_decoder\.(query_feat|query_embed|level_embed)\.weight", _TD + r"\1.weight"),
+    (r"transformer_decoder\.input_proj\.(\d)\.(weight|bias)", _TD + r"input_proj.\1.\2"),
     (
-        r"backbone\.feature_projections\.(\d+)\.0\.conv(\d)\.norm\.(weight|bias)",
-        r"pyramid.blocks.{\1}.norm\2.\3",
-    ),
-    (r"backbone\.feature_projections\.(\d+)\.0\.shortcut\.weight", r"pyramid.blocks.{\1}.shortcut.0.weight"),
-    (
-        r"backbone\.feature_projections\.(\d+)\.0\.shortcut\.norm\.(weight|bias)",
-        r"pyramid.blocks.{\1}.shortcut.1.\2",
-    ),
-    # pixel decoder
-    (
-        r"sem_seg_head\.pixel_decoder\.input_proj\.(\d)\.([01])\.(weight|bias)",
-        r"pixel_decoder.input_proj.\1.\2.\3",
-    ),
-    (r"sem_seg_head\.pixel_decoder\.transformer\.level_embed", "pixel_decoder.level_embed"),
-    (
-        r"sem_seg_head\.pixel_decoder\.transformer\.encoder\.layers\.(\d+)\.(.+)",
-        r"pixel_decoder.layers.\1.\2",
-    ),
-    (r"sem_seg_head\.pixel_decoder\.mask_features\.(weight|bias)", r"pixel_decoder.mask_features.\1"),
-    (r"sem_seg_head\.pixel_decoder\.adapter_1\.weight", "pixel_decoder.lateral.0.weight"),
-    (r"sem_seg_head\.pixel_decoder\.adapter_1\.norm\.(weight|bias)", r"pixel_decoder.lateral.1.\1"),
-    (r"sem_seg_head\.pixel_decoder\.layer_1\.weight", "pixel_decoder.output.0.weight"),
-    (r"sem_seg_head\.pixel_decoder\.layer_1\.norm\.(weight|bias)", r"pixel_decoder.output.1.\1"),
-    # transformer decoder
-    (
-        r"sem_seg_head\.predictor\.(query_feat|query_embed|level_embed)\.weight",
-        r"transformer_decoder.\1.weight",
+        r"transformer_decoder\.self_attn\.(\d+)\.attn\.(.+)",
+        _TD + r"transformer_self_attention_layers.\1.self_attn.\2",
     ),
     (
-        r"sem_seg_head\.predictor\.transformer_self_attention_layers\.(\d+)\.self_attn\.(.+)",
-        r"transformer_decoder.self_attn.\1.attn.\2",
+        r"transformer_decoder\.self_attn\.(\d+)\.norm\.(weight|bias)",
+        _TD + r"transformer_self_attention_layers.\1.norm.\2",
     ),
     (
-        r"sem_seg_head\.predictor\.transformer_self_attention_layers\.(\d+)\.norm\.(weight|bias)",
-        r"transformer_decoder.self_attn.\1.norm.\2",
+        r"transformer_decoder\.cross_attn\.(\d+)\.attn\.(.+)",
+        _TD + r"transformer_cross_attention_layers.\1.multihead_attn.\2",
     ),
     (
-        r"sem_seg_head\.predictor\.transformer_cross_attention_layers\.(\d+)\.multihead_attn\.(.+)",
-        r"transformer_decoder.cross_attn.\1.attn.\2",
+        r"transformer_decoder\.cross_attn\.(\d+)\.norm\.(weight|bias)",
+        _TD + r"transformer_cross_attention_layers.\1.norm.\2",
     ),
     (
-        r"sem_seg_head\.predictor\.transformer_cross_attention_layers\.(\d+)\.norm\.(weight|bias)",
-        r"transformer_decoder.cross_attn.\1.norm.\2",
+        r"transformer_decoder\.ffn\.(\d+)\.(linear1|linear2|norm)\.(weight|bias)",
+        _TD + r"transformer_ffn_layers.\1.\2.\3",
     ),
+    (r"transformer_decoder\.decoder_norm\.(weight|bias)", _TD + r"decoder_norm.\1"),
+    (r"transformer_decoder\.mask_embed\.layers\.(\d)\.(weight|bias)", _TD + r"mask_embed.layers.\1.\2"),
+    (r"transformer_decoder\.pooled_proj\.([01])\.(weight|bias)", _TD + r"post_mask_embed.pool_proj.\1.\2"),
+    (r"transformer_decoder\.embed_head\.0\.(weight|bias)", _TD + r"post_mask_embed.mask_embed.0.\1"),
     (
-        r"sem_seg_head\.predictor\.transformer_ffn_layers\.(\d+)\.(linear1|linear2|norm)\.(weight|bias)",
-        r"transformer_decoder.ffn.\1.\2.\3",
+        r"transformer_decoder\.embed_head\.1\.layers\.(\d)\.(weight|bias)",
+        _TD + r"post_mask_embed.mask_embed.1.layers.\1.\2",
     ),
-    (r"sem_seg_head\.predictor\.decoder_norm\.(weight|bias)", r"transformer_decoder.decoder_norm.\1"),
-    (
-        r"sem_seg_head\.predictor\.mask_embed\.layers\.(\d)\.(weight|bias)",
-        r"transformer_decoder.mask_embed.layers.\1.\2",
-    ),
-    (
-        r"sem_seg_head\.predictor\.post_mask_embed\.pool_proj\.([01])\.(weight|bias)",
-        r"transformer_decoder.pooled_proj.\1.\2",
-    ),
-    (
-        r"sem_seg_head\.predictor\.post_mask_embed\.mask_embed\.0\.(weight|bias)",
-        r"transformer_decoder.embed_head.0.\1",
-    ),
-    (
-        r"sem_seg_head\.predictor\.post_mask_embed\.mask_embed\.1\.layers\.(\d)\.(weight|bias)",
-        r"transformer_decoder.embed_head.1.layers.\1.\2",
-    ),
-    (r"sem_seg_head\.predictor\.post_mask_embed\.logit_scale", "classifier.logit_scale"),
-    (r"category_head\.null_embed", "classifier.null_embed"),
-    # the caption models' binary object / no-object head
-    (r"sem_seg_head\.predictor\.class_embed\.(weight|bias)", r"transformer_decoder.class_embed.\1"),
+    (r"transformer_decoder\.class_embed\.(weight|bias)", _TD + r"class_embed.\1"),
+    # classifier: the decoder's temperature, the text head's projection and null embedding
+    (r"classifier\.logit_scale", _TD + "post_mask_embed.logit_scale"),
+    (r"classifier\.text_proj\.(weight|bias)", r"{head}.text_proj.\1"),
+    (r"classifier\.null_embed", "{head}.null_embed"),
 ]
 
-# Frozen parts and buffers in their file: not ours to load (ours come from odise_pl.weights).
+# Frozen parts in their file: not ours to load (ours come from odise_pl.weights).
 _FROZEN = re.compile(
     r"(backbone\.feature_extractor\.(ldm_extractor|clip)\.|(category_head|word_head|clip_head)\.clip\.|"
-    r".*\.text_embed$|.*shared_noise$|pixel_(mean|std)$|criterion\.)"
+    r".*\.text_embed$|.*shared_noise$|pixel_(mean|std)$)"
 )
-# Kept in theirs, absent from ours by design (key -> why); none at present.
-_NO_COUNTERPART: dict[str, str] = {}
-_TIME_POS = "backbone.feature_extractor.time_embed_project.positional_embedding"
+# Buffers in their file that our modules derive from the config instead (key -> why).
+_DERIVED = {
+    "criterion.empty_weight": "the no-object weight of the class loss; ours is model.criterion.no_object_weight",
+}
 
 
 def their_feature_order(
     unet: list[int], vae_enc: list[int], vae_dec: list[int], timesteps: int = 1
 ) -> list[str]:
     """Our pyramid block names in the order of their ``feature_projections``: VAE encoder taps, UNet
-    taps (repeated per timestep), VAE decoder taps (``LdmExtractor.reset_dim_stride``).
+    taps, VAE decoder taps (``LdmExtractor.reset_dim_stride``).
     """
     if timesteps != 1:
         raise CheckpointError("the released checkpoints use one timestep; several are not supported here")
     return (
         [f"vae_enc_{i}" for i in vae_enc] + [f"unet_up_{i}" for i in unet] + [f"vae_dec_{i}" for i in vae_dec]
     )
+
+
+def official_name(key: str, feature_order: list[str], head: str) -> str:
+    """The name in an official checkpoint of our trainable tensor ``key``."""
+    for pattern, template in _RULES:
+        m = re.fullmatch(pattern, key)
+        if m is None:
+            continue
+        name = m.expand(template)
+        if "{tap}" in name:
+            tap = m.group(1)
+            if tap not in feature_order:
+                raise CheckpointError(
+                    f"{key}: pyramid block {tap!r} is not one of the official taps {feature_order}"
+                )
+            name = name.replace("{tap}", str(feature_order.index(tap)))
+        return name.replace("{head}", head)
+    raise CheckpointError(f"no official counterpart is known for our tensor {key}")
 
 
 def _stub(name: str) -> type:
@@ -168,59 +168,47 @@ def read_their_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def is_caption_checkpoint(theirs: dict[str, torch.Tensor]) -> bool:
+    """A caption model has the binary objectness head and a ``word_head``; a label model neither."""
+    return any(k.startswith(("word_head.", _TD + "class_embed.")) for k in theirs)
+
+
 def convert_state_dict(
     theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], feature_order: list[str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """Map ``theirs`` onto the keys and shapes of ``ours`` (our trainable state dict).
 
-    Returns (converted state dict, report) with report keys ``unmapped`` (their trainable keys with
-    no rule), ``no_counterpart``, ``skipped_frozen`` and ``missing`` (our keys left at initialisation).
-    Shapes must agree exactly after the documented reshapes; a mismatch is an error naming both keys.
+    Every key of ``ours`` must find its official tensor, with the same shape: otherwise a
+    :class:`CheckpointError` lists every missing name / names both sides of a shape mismatch.
+    Returns (converted state dict, report) with report keys ``skipped_frozen`` (their frozen
+    tensors), ``derived`` (their buffers our modules compute from the config, with why) and
+    ``unmapped`` (anything else of theirs: not expected in a released checkpoint).
     """
-    out: dict[str, torch.Tensor] = {}
-    report: dict[str, list[str]] = {"unmapped": [], "no_counterpart": [], "skipped_frozen": [], "missing": []}
-    for key, value in theirs.items():
-        if key == _TIME_POS:
-            continue  # folded into the time projection bias below
-        if key in _NO_COUNTERPART:
-            report["no_counterpart"].append(f"{key} ({_NO_COUNTERPART[key]})")
-            continue
-        target = None
-        for pattern, template in _RULES:
-            m = re.fullmatch(pattern, key)
-            if m:
-                target = m.expand(template)
-                break
-        if target is None:
-            report["skipped_frozen" if _FROZEN.match(key) else "unmapped"].append(key)
-            continue
-        idx = re.search(r"\{(\d+)\}", target)
-        if idx:
-            k = int(idx.group(1))
-            if k >= len(feature_order):
-                raise CheckpointError(
-                    f"{key}: feature projection {k}, but our backbone taps {len(feature_order)} features"
-                )
-            target = target.replace(idx.group(0), feature_order[k])
-        if target not in ours:
-            raise CheckpointError(
-                f"{key} maps to {target}, which this model does not have (check the experiment)"
-            )
-        want = ours[target].shape
-        if value.shape != want:
-            if value.numel() == ours[target].numel() and value.squeeze(0).shape == want:
-                value = value.reshape(want)  # the documented (1, ...) -> (...) reshapes
-            else:
-                raise CheckpointError(f"{key} {tuple(value.shape)} does not fit {target} {tuple(want)}")
-        out[target] = value.to(ours[target].dtype).clone()
-    if _TIME_POS in theirs and "captioner.time_proj.bias" in out:
-        pos = theirs[_TIME_POS]
-        if pos.shape[1] != 1:
-            raise CheckpointError(
-                f"{_TIME_POS} has {pos.shape[1]} timesteps; only one can be folded into our bias"
-            )
-        out["captioner.time_proj.bias"] = out["captioner.time_proj.bias"] + pos.reshape(-1).to(
-            out["captioner.time_proj.bias"].dtype
+    head = "category_head" if "classifier.null_embed" in ours else "word_head"
+    sources = {key: official_name(key, feature_order, head) for key in ours}
+    missing = sorted(f"{src} (for our {key})" for key, src in sources.items() if src not in theirs)
+    if missing:
+        kind = "label" if head == "category_head" else "caption"
+        raise CheckpointError(
+            f"the checkpoint lacks {len(missing)} tensors a {kind} model needs: " + "; ".join(missing)
         )
-    report["missing"] = sorted(set(ours) - set(out))
+    out: dict[str, torch.Tensor] = {}
+    for key, src in sources.items():
+        value, want = theirs[src], ours[key]
+        if tuple(value.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"{src} {tuple(value.shape)} does not fit our {key} {tuple(want.shape)} (check the experiment)"
+            )
+        out[key] = value.to(want.dtype).clone()
+    used = set(sources.values())
+    report: dict[str, list[str]] = {"skipped_frozen": [], "derived": [], "unmapped": []}
+    for key in theirs:
+        if key in used:
+            continue
+        if key in _DERIVED:
+            report["derived"].append(f"{key} ({_DERIVED[key]})")
+        elif _FROZEN.match(key):
+            report["skipped_frozen"].append(key)
+        else:
+            report["unmapped"].append(key)
     return out, report

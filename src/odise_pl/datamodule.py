@@ -158,6 +158,11 @@ class ODISEDataModule(L.LightningDataModule):
         return [[n] for n in ds.class_names]
 
     @property
+    def categories(self) -> list[dict]:
+        """The (validation) dataset's categories, ``{"id", "name", ...}``, in contiguous order."""
+        return list((self.val_set or self.train_set).categories)
+
+    @property
     def isthing(self) -> list[bool]:
         return list((self.val_set or self.train_set).isthing)
 

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     h, w = image.shape[:2]
     item = resize({"image": torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)})
     images, sizes = pad_to_divisible([item["image"]], net.size_divisibility)
-    predictor = module.make_predictor(train_vocabulary=None, mode=args.mode)
+    predictor = module.make_predictor(mode=args.mode)
     pred = predictor(
         images,
         [{"input_size": sizes[0], "height": h, "width": w}],

@@ -123,7 +123,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.ckpt_path:
         load_trainable(module.net, cfg.ckpt_path)
     net = module.net.to(device).eval()
-    train_vocab = dataset_vocab(cfg.train_vocabulary).names if cfg.get("train_vocabulary") else None
+    source = cfg.get("train_vocabulary") or module.train_vocabulary
+    train_vocab = None if source == "dataset" else dataset_vocab(source).names
     predictor = module.make_predictor(train_vocab)
     results, papers = {}, {}
     for entry in cfg.datasets.values():

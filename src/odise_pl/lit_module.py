@@ -15,27 +15,14 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from odise_pl.data.vocab import dataset_vocab, training_vocabulary
 from odise_pl.errors import ConfigError
 from odise_pl.evaluation.runner import compute_evaluators, make_evaluators, update_evaluators
 from odise_pl.inference.predictor import Predictor
 from odise_pl.loss.criterion import SetCriterion
 from odise_pl.loss.grounding import GroundingLoss
 from odise_pl.model.odise import ODISE, to_unit
-
-
-def warmup_step_lambda(
-    warmup_steps: int, milestones: list[int], gamma: float = 0.1, warmup_factor: float = 0.001
-):
-    """LR multiplier: linear warm-up from ``warmup_factor`` over ``warmup_steps``, then x ``gamma`` at each milestone."""
-
-    def f(step: int) -> float:
-        decay = gamma ** sum(step >= m for m in milestones)
-        if step < warmup_steps:
-            alpha = step / max(1, warmup_steps)
-            return decay * (warmup_factor * (1 - alpha) + alpha)
-        return decay
-
-    return f
+from odise_pl.optim import param_groups
 
 
 class ODISELitModule(L.LightningModule):
@@ -46,11 +33,20 @@ class ODISELitModule(L.LightningModule):
         criterion: :class:`SetCriterion` (matching + mask losses, and CE under label supervision).
         grounding: :class:`GroundingLoss` (caption supervision).
         supervision: ``label`` (category cross-entropy, Eq. 5) or ``caption`` (grounding loss, Eq. 8).
-        optimizer: partial of a torch optimiser (AdamW lr 1e-4, wd 0.05), given trainable parameters only.
-        warmup_steps, lr_milestones, lr_gamma: warm-up then step schedule (per optimiser step).
+        train_vocabulary: the categories the model is trained on and that count as seen at test
+            time: a shipped vocabulary (PARITY: ``coco``, the COCO panoptic synonym lists, each
+            category matched to the dataset's by id) or ``dataset`` (the training set's own names).
+        optimizer: partial of a torch optimiser (AdamW lr 1e-4, wd 0.05), given parameter groups.
+        scheduler: partial of a step-wise LR scheduler taking the optimiser (the official schedule:
+            :func:`odise_pl.optim.warmup_multistep_lr`).
+        weight_decay_norm, weight_decay_bias: weight decay of normalisation layers' parameters and of
+            biases (PARITY: 0, detectron2's groups); ``None``: the optimiser's.
         object_mask_threshold, overlap_threshold: panoptic post-processing (0.0 / 0.8).
-        open_vocab_mode, ensemble_alpha, ensemble_beta: test-time classification (Eq. 10; ``ensemble``,
-            0.35 on CLIP for seen categories, 0.65 for novel ones; ``diffusion`` / ``clip`` for ablations).
+        open_vocab_mode, ensemble_alpha, ensemble_beta: test-time classification (Eq. 10; ``ensemble``;
+            CLIP's weight for seen / novel categories, PARITY: 0.3 / 0.7 label models, 0.35 / 0.65
+            caption models; ``diffusion`` / ``clip`` for ablations).
+        clip_side, clip_mask_region: CLIP's opinion by MaskCLIP (PARITY) or mask pooling, and the
+            mask region MaskCLIP reads (see :class:`~odise_pl.inference.predictor.Predictor`).
         instance_topk: instances kept per image.
         max_nonfinite_steps: a NaN / inf loss skips its step; this many in a row stop training.
         inference_precision: autocast dtype of validation / eval / demo inference (``fp32``: reference).
@@ -63,15 +59,18 @@ class ODISELitModule(L.LightningModule):
         criterion: SetCriterion,
         grounding: GroundingLoss,
         supervision: Literal["label", "caption"] = "label",
+        train_vocabulary: str = "coco",
         optimizer: Callable,
-        warmup_steps: int = 500,
-        lr_milestones: tuple[int, ...] | list[int] = (),
-        lr_gamma: float = 0.1,
+        scheduler: Callable,
+        weight_decay_norm: float | None = 0.0,
+        weight_decay_bias: float | None = 0.0,
         object_mask_threshold: float = 0.0,
         overlap_threshold: float = 0.8,
         open_vocab_mode: Literal["ensemble", "diffusion", "clip"] = "ensemble",
-        ensemble_alpha: float = 0.35,
-        ensemble_beta: float = 0.65,
+        ensemble_alpha: float = 0.3,
+        ensemble_beta: float = 0.7,
+        clip_side: Literal["maskclip", "pooling"] = "maskclip",
+        clip_mask_region: Literal["padded", "image"] = "padded",
         instance_topk: int = 100,
         max_nonfinite_steps: int = 5,
         inference_precision: Literal["fp32", "bf16", "fp16"] = "fp32",
@@ -94,8 +93,10 @@ class ODISELitModule(L.LightningModule):
                 "model.net.transformer_decoder.objectness=true (as the caption_* experiments do).",
                 stacklevel=2,
             )
-        self.optimizer_factory = optimizer
-        self.warmup_steps, self.lr_milestones, self.lr_gamma = warmup_steps, list(lr_milestones), lr_gamma
+        self.train_vocabulary = train_vocabulary
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.weight_decay_norm, self.weight_decay_bias = weight_decay_norm, weight_decay_bias
+        self.clip_side, self.clip_mask_region = clip_side, clip_mask_region
         self.object_mask_threshold, self.overlap_threshold = object_mask_threshold, overlap_threshold
         self.open_vocab_mode, self.ensemble_alpha, self.ensemble_beta = (
             open_vocab_mode,
@@ -117,7 +118,7 @@ class ODISELitModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self.trainer is not None else None
         if dm is not None and self.vocabulary is None:
-            self.set_vocabulary(dm.vocabulary, dm.isthing)
+            self.set_vocabulary(training_vocabulary(self.train_vocabulary, dm.categories), dm.isthing)
 
     def set_vocabulary(self, vocabulary: list[list[str]], isthing: list[bool]) -> None:
         """Categories for label supervision and validation (contiguous ids = list positions)."""
@@ -146,7 +147,7 @@ class ODISELitModule(L.LightningModule):
                     "model.supervision=caption needs captions: set data.k_words > 0 and "
                     "data.train_dataset.captions=true (or a caption_source), or train with model.supervision=label"
                 )
-            words = self.net.word_embeddings(batch["words"])
+            words = self.net.word_embeddings(batch["words"])  # projected by the classifier's text_proj
             scale = self.net.classifier.scale
             sets = [("", outputs)] + [(f"_{i}", a) for i, a in enumerate(outputs["aux_outputs"])]
             for suffix, out in sets:
@@ -201,19 +202,34 @@ class ODISELitModule(L.LightningModule):
             )
 
     # -- validation ----------------------------------------------------------------------------
-    def make_predictor(self, train_vocabulary: list[list[str]] | None, mode: str | None = None) -> Predictor:
-        """Open-vocabulary inference with this module's settings (validation, eval and demo share it)."""
+    def make_predictor(
+        self, train_vocabulary: list[list[str]] | None = None, mode: str | None = None
+    ) -> Predictor:
+        """Open-vocabulary inference with this module's settings (validation, eval and demo share it).
+
+        ``train_vocabulary``: the categories counted as seen (default: :meth:`seen_vocabulary`).
+        """
         return Predictor(
             self.net,
             mode=mode or self.open_vocab_mode,
             alpha=self.ensemble_alpha,
             beta=self.ensemble_beta,
-            train_vocabulary=train_vocabulary,
+            train_vocabulary=self.seen_vocabulary() if train_vocabulary is None else train_vocabulary,
+            clip_side=self.clip_side,
+            clip_mask_region=self.clip_mask_region,
             object_mask_threshold=self.object_mask_threshold,
             overlap_threshold=self.overlap_threshold,
             topk=self.instance_topk,
             precision=self.inference_precision,
         )
+
+    def seen_vocabulary(self) -> list[list[str]] | None:
+        """The categories seen in training: the resolved training vocabulary once a datamodule set
+        it, else the shipped one ``train_vocabulary`` names (``None`` for ``dataset`` without data).
+        """
+        if self.vocabulary is not None:
+            return self.vocabulary
+        return None if self.train_vocabulary == "dataset" else dataset_vocab(self.train_vocabulary).names
 
     @property
     def predictor(self) -> Predictor:
@@ -239,12 +255,12 @@ class ODISELitModule(L.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = self.optimizer_factory(params=params)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, warmup_step_lambda(self.warmup_steps, self.lr_milestones, self.lr_gamma)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        groups = param_groups(self, self.weight_decay_norm, self.weight_decay_bias)
+        opt = self.optimizer_factory(params=groups)
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"},
+        }
 
     # -- checkpoints: trainable weights only ------------------------------------------------------
     def _frozen_key_prefixes(self) -> tuple[str, ...]:

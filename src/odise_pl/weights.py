@@ -7,7 +7,9 @@ Each loader takes ``mode``:
   which uses the Hugging Face cache and downloads when online;
 * ``random`` -- the full-size architecture, randomly initialised (smoke runs, benchmarks,
   parameter counts; no download);
-* ``tiny`` -- a small configuration of the *same classes* (tests, the default experiment).
+* ``tiny`` -- a small configuration of the *same classes* (tests, the default experiment);
+* ``meta`` -- the full-size architecture on PyTorch's ``meta`` device: shapes without values or
+  memory (parameter counts, checkpoint conversion); nothing can run on it.
 
 A missing weight in ``pretrained`` mode raises :class:`WeightsNotFoundError`, one message naming
 the model, where it was looked for, and the config override that fixes it.
@@ -15,6 +17,7 @@ the model, where it was looked for, and the config override that fixes it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Literal
 
@@ -23,8 +26,8 @@ from torch import nn
 
 from odise_pl.errors import OdiseError
 
-Mode = Literal["pretrained", "random", "tiny"]
-MODES = ("pretrained", "random", "tiny")
+Mode = Literal["pretrained", "random", "tiny", "meta"]
+MODES = ("pretrained", "random", "tiny", "meta")
 
 # Stable Diffusion v1.x shapes (any v1.x checkpoint in diffusers format has these); used for
 # `random` mode so parameter counts match the paper without a download.
@@ -104,6 +107,11 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"weights mode must be one of {MODES}, got {mode!r}")
 
 
+def _device(mode: str):
+    """Where a non-pretrained model is built: ``meta`` for shapes only, else the default device."""
+    return torch.device("meta") if mode == "meta" else contextlib.nullcontext()
+
+
 def _frozen(module: nn.Module) -> nn.Module:
     # The one place where frozen models are frozen: eval mode, no gradients.
     module.eval()
@@ -136,7 +144,8 @@ def load_unet(mode: Mode = "pretrained", source: str = DEFAULT_SD) -> nn.Module:
     _check_mode(mode)
     if mode == "pretrained":
         return _frozen(_from_pretrained(UNet2DConditionModel, source, "unet", "diffusion UNet"))
-    return _frozen(UNet2DConditionModel(**(SD_V1_UNET if mode == "random" else TINY_UNET)))
+    with _device(mode):
+        return _frozen(UNet2DConditionModel(**(TINY_UNET if mode == "tiny" else SD_V1_UNET)))
 
 
 def load_vae(mode: Mode = "pretrained", source: str = DEFAULT_SD) -> nn.Module:
@@ -146,7 +155,8 @@ def load_vae(mode: Mode = "pretrained", source: str = DEFAULT_SD) -> nn.Module:
     _check_mode(mode)
     if mode == "pretrained":
         return _frozen(_from_pretrained(AutoencoderKL, source, "vae", "VAE"))
-    return _frozen(AutoencoderKL(**(SD_V1_VAE if mode == "random" else TINY_VAE)))
+    with _device(mode):
+        return _frozen(AutoencoderKL(**(TINY_VAE if mode == "tiny" else SD_V1_VAE)))
 
 
 def load_text_encoder(mode: Mode = "pretrained", source: str = DEFAULT_SD) -> nn.Module:
@@ -156,7 +166,8 @@ def load_text_encoder(mode: Mode = "pretrained", source: str = DEFAULT_SD) -> nn
     _check_mode(mode)
     if mode == "pretrained":
         return _frozen(_from_pretrained(CLIPTextModel, source, "text_encoder", "text encoder"))
-    return _frozen(CLIPTextModel(CLIPTextConfig(**(SD_V1_TEXT if mode == "random" else TINY_TEXT))))
+    with _device(mode):
+        return _frozen(CLIPTextModel(CLIPTextConfig(**(TINY_TEXT if mode == "tiny" else SD_V1_TEXT))))
 
 
 def load_scheduler(mode: Mode = "pretrained", source: str = DEFAULT_SD):
@@ -197,8 +208,11 @@ def load_open_clip(
     _check_mode(mode)
     if mode == "tiny":
         return _frozen(open_clip.model.CLIP(**tiny_clip_config()))
-    if mode == "random":
-        return _frozen(open_clip.create_model(name, pretrained=None))
+    if mode in ("random", "meta"):
+        with _device(mode):
+            return _frozen(
+                open_clip.create_model(name, pretrained=None, device="meta" if mode == "meta" else "cpu")
+            )
     try:
         model = open_clip.create_model(name, pretrained=pretrained)
     except Exception as err:  # open_clip raises RuntimeError / hub errors / FileNotFoundError
@@ -254,7 +268,8 @@ def load_timm(
     if checkpoint:
         create["pretrained_cfg_overlay"] = dict(file=checkpoint)
     try:
-        model = timm.create_model(name, pretrained=pretrained, **create)
+        with _device(mode):
+            model = timm.create_model(name, pretrained=pretrained, **create)
     except Exception as err:  # hub / file errors; a wrong name is a RuntimeError too
         if not pretrained:
             raise

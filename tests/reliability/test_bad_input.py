@@ -157,7 +157,7 @@ CONFIG_CASES = {
     "data.on_bad_sample=ignore": r"data.on_bad_sample='ignore'.*Literal\['raise', 'skip'\]",
     "model.supervision=captions": r"model.supervision='captions'.*Literal\['label', 'caption'\]",
     "model.optimizer.lr=fast": r"model.optimizer.lr='fast'.*AdamW expects float",
-    "weights.mode=big": r"model.net.backbone.unet.mode='big'.*Literal\['pretrained', 'random', 'tiny'\]",
+    "weights.mode=big": r"model.net.backbone.unet.mode='big'.*Literal\['pretrained', 'random', 'tiny', 'meta'\]",
     "model.net.pixel_decoder.deform_attn_impl=cuda": r"deform_attn_impl='cuda'.*Literal\['auto', 'gather', 'grid_sample'\]",
 }
 

@@ -42,14 +42,23 @@ class LSJ:
     """Large-scale jittering (Ghiasi et al.), as Mask2Former / ODISE train with it.
 
     Random horizontal flip; resize so the image fits a square of ``size * s``, ``s ~ U(min_scale,
-    max_scale)``, keeping aspect; a random ``size x size`` crop where larger; zero padding to
-    ``size x size`` (bottom / right; padded pixels belong to no segment). Segments emptied by the
+    max_scale)``, keeping aspect; a random ``size x size`` crop where larger; padding to ``size x
+    size`` (bottom / right) with ``pad_value`` (PARITY: detectron2's ``FixedSizeCrop`` pads with 128);
+    padded pixels belong to no segment. Segments emptied by the
     crop are dropped. Output ``image: (3, size, size)``, ``masks: (N, size, size)``, ``valid: (size,
     size)`` bool marking non-padded pixels.
     """
 
-    def __init__(self, size: int = 1024, min_scale: float = 0.1, max_scale: float = 2.0, flip: bool = True):
+    def __init__(
+        self,
+        size: int = 1024,
+        min_scale: float = 0.1,
+        max_scale: float = 2.0,
+        flip: bool = True,
+        pad_value: int = 128,
+    ):
         self.size, self.min_scale, self.max_scale, self.flip = size, min_scale, max_scale, flip
+        self.pad_value = pad_value
 
     def __call__(self, item: dict) -> dict:
         if self.flip and random.random() < 0.5:
@@ -66,7 +75,7 @@ class LSJ:
         item["masks"] = item["masks"][:, y0 : y0 + self.size, x0 : x0 + self.size]
         ch, cw = item["image"].shape[-2:]
         pad = (0, self.size - cw, 0, self.size - ch)
-        item["image"] = F.pad(item["image"], pad)
+        item["image"] = F.pad(item["image"], pad, value=self.pad_value)
         item["masks"] = F.pad(item["masks"], pad)
         valid = torch.zeros(self.size, self.size, dtype=torch.bool)
         valid[:ch, :cw] = True

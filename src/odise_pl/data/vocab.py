@@ -153,3 +153,31 @@ def dataset_vocab(name: str) -> Vocabulary:
     if name == "coco":  # COCO panoptic: ids 1-90 are things, 92-200 stuff
         vocab.isthing = [i < 91 for i in vocab.ids]
     return vocab
+
+
+def training_vocabulary(source: str, categories: list[dict]) -> list[list[str]]:
+    """The training categories as synonym lists, in the dataset's category order.
+
+    ``categories``: the dataset's ``{"id", "name"}`` entries in its contiguous order. ``source``:
+    ``dataset`` (each category's own name) or a shipped vocabulary (:data:`DATASET_VOCABS`) that must
+    list exactly the dataset's category ids (matched by id). PARITY: the official label model trains
+    on the COCO panoptic synonym lists (``coco``), max over synonyms, as at test time.
+    """
+    if source == "dataset":
+        return [[c["name"]] for c in categories]
+    vocab = dataset_vocab(source)
+    by_id = dict(zip(vocab.ids, vocab.names))
+    ours = {c["id"] for c in categories}
+    if ours != set(by_id):
+        missing = sorted(ours - set(by_id))
+        names = {c["id"]: c["name"] for c in categories}
+        detail = (
+            f"it has no category with id {', '.join(f'{i} ({names[i]})' for i in missing[:5])}"
+            if missing
+            else f"the dataset has {len(ours)} categories, {source} {len(by_id)}"
+        )
+        raise VocabularyError(
+            f"model.train_vocabulary={source} does not describe this dataset's categories ({detail}); "
+            "use model.train_vocabulary=dataset (the dataset's own names)"
+        )
+    return [by_id[c["id"]] for c in categories]

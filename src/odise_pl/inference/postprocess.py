@@ -18,8 +18,9 @@ def semantic_inference(probs: Tensor, masks: Tensor) -> Tensor:
 def instance_inference(probs: Tensor, masks: Tensor, isthing: list[bool] | Tensor, topk: int = 100) -> dict:
     """Top-k (query, class) pairs of thing classes (Mask2Former's instance inference).
 
-    probs (Q, K + 1), mask logits (Q, H, W) -> ``masks (M, H, W) bool``, ``labels (M,)``, ``scores (M,)``;
-    score = class probability x mean mask probability inside the binary mask.
+    probs (Q, K + 1), mask logits (Q, H, W) -> ``masks (M, H, W) bool``, ``labels (M,)``, ``scores (M,)``,
+    ``query (M,)`` (the query each instance comes from); score = class probability x mean mask
+    probability inside the binary mask.
     """
     k = probs.shape[1] - 1
     scores = probs[:, :k].flatten()
@@ -31,7 +32,7 @@ def instance_inference(probs: Tensor, masks: Tensor, isthing: list[bool] | Tenso
     m = masks[query]
     binary = m > 0
     mask_scores = (m.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-    return {"masks": binary, "labels": labels, "scores": cls_scores * mask_scores}
+    return {"masks": binary, "labels": labels, "scores": cls_scores * mask_scores, "query": query}
 
 
 def panoptic_inference(

@@ -39,6 +39,9 @@ def grounding_similarity(
 class GroundingLoss(nn.Module):
     """Symmetric image-caption contrastive loss on g (Eq. 8), over the batch gathered from all processes.
 
+    PARITY with the official ``MaskGroundingCriterion``: the mean of the two directions,
+    ``0.5 * (CE(image -> text) + CE(text -> image))``.
+
     ``mask_embed: (B, N, D)``, ``word_embed: (B, K, D)`` (K_word nouns sampled from one caption),
     ``scale`` = 1/tau (the classifier's learnable logit scale) -> scalar.
 
@@ -66,7 +69,7 @@ class GroundingLoss(nn.Module):
         g = grounding_similarity(z, w, scale.float(), self.softmax_over)
         logits = scale.float() * g
         target = torch.arange(g.shape[0], device=g.device)
-        loss = F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if world > 1:
             loss = loss * world - (loss * (world - 1)).detach()

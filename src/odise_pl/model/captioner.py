@@ -3,11 +3,11 @@
 One interface, swappable by config (``model/captioner: implicit | empty | text``)::
 
     captioner(images: (B, 3, H, W) in [0, 1], captions: list[str] | None)
-        -> cond: (B, L, C), time_offset: (B, T) | None
+        -> cond: (B, L, C), time_offset: (B, T, C_t) | None  (one row per diffusion step)
 
 All are built by :class:`~odise_pl.model.odise.ODISE` from a Hydra partial with the frozen
-``text_encoder`` (SD's), the frozen ``clip`` and the UNet's ``time_embed_dim``, so the frozen
-models exist once however many parts use them.
+``text_encoder`` (SD's), the frozen ``clip``, the UNet's ``time_embed_dim`` and the number of
+diffusion steps ``num_timesteps``, so the frozen models exist once however many parts use them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ class EmptyCaptioner(nn.Module):
     """Every image gets the embedding of the empty string (Table 4 row a). Nothing is trained."""
 
     def __init__(
-        self, *, text_encoder: SDTextEncoder, clip: FrozenCLIP | None = None, time_embed_dim: int = 0
+        self,
+        *,
+        text_encoder: SDTextEncoder,
+        clip: FrozenCLIP | None = None,
+        time_embed_dim: int = 0,
+        num_timesteps: int = 1,
     ):
         super().__init__()
         # A buffer, not a parameter: derived from frozen weights, recomputed at start-up, never saved.
@@ -37,7 +42,12 @@ class TextCaptioner(nn.Module):
     """A given caption per image (dataset captions, heuristic ones, BLIP outputs) through SD's text encoder."""
 
     def __init__(
-        self, *, text_encoder: SDTextEncoder, clip: FrozenCLIP | None = None, time_embed_dim: int = 0
+        self,
+        *,
+        text_encoder: SDTextEncoder,
+        clip: FrozenCLIP | None = None,
+        time_embed_dim: int = 0,
+        num_timesteps: int = 1,
     ):
         super().__init__()
         self.text_encoder = text_encoder
@@ -55,37 +65,56 @@ class TextCaptioner(nn.Module):
 class ImplicitCaptioner(nn.Module):
     """Frozen CLIP image embedding -> trained implicit text embedding (Eq. 3).
 
-    PARITY with the official code: ``cond = empty + tanh(alpha) * (W e + pos)``, a linear map of
-    the CLIP image embedding ``e`` broadcast over the L token positions plus a learned positional
-    embedding, gated on the empty-caption embedding with ``alpha`` ((1, L, D), element-wise)
-    initialised at 0 so training starts from the empty caption; and ``time_offset = tanh(beta) * W_t e``
-    added to the UNet's time embedding, ``beta`` ((time_embed_dim,)) initialised at 0. (The official
-    time projection also adds a learned per-timestep vector; with one timestep that is a constant,
-    which is our ``time_proj`` bias: ``scripts/convert_odise_checkpoint.py`` folds it in.)
+    PARITY with the official ``LdmImplicitCaptionerExtractor``: the raw CLIP image embedding ``e``
+    (not normalised) is mapped by a linear layer, broadcast over the L token positions plus a
+    learned positional embedding, and gated onto the empty-caption embedding:
+    ``cond = empty + tanh(alpha) * (W e + pos)``, ``alpha`` (1, L, C) element-wise, initialised at 0
+    so training starts from the empty caption. Likewise a learned offset of the UNet's time
+    embedding, one row per diffusion step: ``offset = tanh(beta) * (W_t e + pos_t)``, ``pos_t``
+    (1, T, C_t), ``beta`` (C_t,) initialised at 0.
+
+    ``images: (B, 3, H, W) in [0, 1]`` -> ``cond: (B, L, C)``, ``time_offset: (B, T, C_t) | None``.
 
     Args:
         text_encoder: SD's frozen text encoder (for the empty-caption embedding).
         clip: frozen CLIP whose image tower embeds the image.
         time_embed_dim: the UNet's time-embedding width (1280 for SD v1); 0 disables the offset.
+        num_timesteps: diffusion steps the UNet runs (one offset row each; official: 1).
 
     """
 
-    def __init__(self, *, text_encoder: SDTextEncoder, clip: FrozenCLIP, time_embed_dim: int = 0):
+    def __init__(
+        self,
+        *,
+        text_encoder: SDTextEncoder,
+        clip: FrozenCLIP,
+        time_embed_dim: int = 0,
+        num_timesteps: int = 1,
+    ):
         super().__init__()
         self.clip = clip
         self.register_buffer("empty", text_encoder([""]), persistent=False)
         length, width = self.empty.shape[1:]
         embed = clip.embed_dim
         self.proj = nn.Linear(embed, width)
-        self.pos_embed = nn.Parameter(torch.randn(length, width) * 0.02)
-        # Element-wise gates, as in the official code (alpha: one per token and channel, beta: one
-        # per time-embedding channel), so its checkpoints convert one to one.
+        self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, length, width), std=0.02))
         self.alpha = nn.Parameter(torch.zeros(1, length, width))
-        self.time_proj = nn.Linear(embed, time_embed_dim) if time_embed_dim else None
-        self.beta = nn.Parameter(torch.zeros(time_embed_dim)) if time_embed_dim else None
+        if time_embed_dim:
+            self.time_proj = nn.Linear(embed, time_embed_dim)
+            self.time_pos_embed = nn.Parameter(
+                nn.init.trunc_normal_(torch.zeros(1, num_timesteps, time_embed_dim), std=0.02)
+            )
+            self.beta = nn.Parameter(torch.zeros(time_embed_dim))
+        else:
+            self.time_proj = self.time_pos_embed = self.beta = None
+
+    def embed(self, image_embed: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Raw CLIP image embeddings (B, D) -> (cond (B, L, C), time offset (B, T, C_t) | None)."""
+        e = image_embed.to(self.proj.weight.dtype)
+        cond = self.empty.to(e.dtype) + torch.tanh(self.alpha) * (self.proj(e)[:, None, :] + self.pos_embed)
+        if self.time_proj is None:
+            return cond, None
+        return cond, torch.tanh(self.beta) * (self.time_proj(e)[:, None, :] + self.time_pos_embed)
 
     def forward(self, images: Tensor, captions: list[str] | None = None) -> tuple[Tensor, Tensor | None]:
-        e = self.clip.encode_image(images)  # (B, D), frozen
-        cond = self.empty + torch.tanh(self.alpha) * (self.proj(e)[:, None, :] + self.pos_embed)
-        offset = torch.tanh(self.beta) * self.time_proj(e) if self.time_proj is not None else None
-        return cond, offset
+        return self.embed(self.clip.encode_image(images))

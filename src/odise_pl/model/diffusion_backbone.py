@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 class DiffusionBackbone(nn.Module):
     """Frozen SD v1.x VAE + UNet, tapped with forward pre-hooks.
 
-    ``images: (B, 3, H, W) in [0, 1]``, ``cond: (B, L, C)``, optional ``time_offset: (B, T)``
+    ``images: (B, 3, H, W) in [0, 1]``, ``cond: (B, L, C)``, optional ``time_offset: (B, T, C_t)``
+    (row i is added to the UNet's time embedding for the i-th of the T ``timesteps``)
     -> ``dict[str, Tensor]``, e.g. ``unet_up_11: (B, C, H/8, W/8)``, ``vae_enc_5: (B, C, H/4, W/4)``.
 
     Taps (PARITY with the official extractor): the input of UNet output block k, which in
@@ -28,7 +31,9 @@ class DiffusionBackbone(nn.Module):
             empty to skip. With no decoder taps the VAE decoder is not run at all.
         timesteps: diffusion steps t; several run the UNet once each and concatenate the UNet
             features along channels (supplement's multi-step ablation). Default (0,).
-        noise_seed: seed of the one noise tensor shared by all images (official: fixed at start-up).
+        noise_seed: seed of the one noise tensor shared by all images. PARITY: seed 42, drawn at the
+            UNet's native latent size (64 x 64 for SD v1) and bicubic-resized to other latent sizes;
+            regenerated at start-up, never saved.
 
     """
 
@@ -42,14 +47,12 @@ class DiffusionBackbone(nn.Module):
         vae_encoder_block_indices: Sequence[int] = (5, 7),
         vae_decoder_block_indices: Sequence[int] = (2, 5),
         timesteps: Sequence[int] = (0,),
-        noise_seed: int = 0,
+        noise_seed: int = 42,
     ):
         super().__init__()
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
-        self.register_buffer(
-            "alphas_cumprod", torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32), persistent=False
-        )
+        self.register_buffer("alphas_cumprod", alphas_cumprod(scheduler), persistent=False)
         self.timesteps = tuple(int(t) for t in timesteps)
         if not self.timesteps:
             raise ValueError("timesteps must name at least one diffusion step, e.g. [0]")
@@ -77,7 +80,8 @@ class DiffusionBackbone(nn.Module):
         self._store: dict[str, Tensor] = {}
         self._time_offset: Tensor | None = None
         for name, module in {**self._unet_taps, **self._enc_taps, **self._dec_taps}.items():
-            module.register_forward_pre_hook(self._make_hook(name))
+            # A partial of a bound method, not a closure: copy.deepcopy rebinds it to the copy.
+            module.register_forward_pre_hook(functools.partial(self._store_input, name))
         # The implicit captioner's learned offset is added to the UNet's time embedding output.
         unet.time_embedding.register_forward_hook(self._add_time_offset)
         self.eval()
@@ -94,12 +98,9 @@ class DiffusionBackbone(nn.Module):
             out[f"{prefix}_{k}"] = modules[k]
         return out
 
-    def _make_hook(self, name: str):
-        def hook(_module, args):
-            # Overwritten each call, so a re-run (e.g. gradient checkpointing) cannot double-store.
-            self._store[name] = args[0]
-
-        return hook
+    def _store_input(self, name: str, _module, args) -> None:
+        # Overwritten each call, so a re-run (e.g. gradient checkpointing) cannot double-store.
+        self._store[name] = args[0]
 
     def _add_time_offset(self, _module, _args, output):
         if self._time_offset is None:
@@ -128,8 +129,16 @@ class DiffusionBackbone(nn.Module):
         return int(self.unet.config.cross_attention_dim)
 
     def feature_info(self) -> dict[str, tuple[int, int]]:
-        """Name -> (channels, stride w.r.t. the input image), without running the model."""
+        """Name -> (channels, stride w.r.t. the input image), without running the model.
+
+        In the official extractor's order (VAE encoder taps, UNet taps, VAE decoder taps), which is
+        the order its ``feature_projections`` are numbered and same-stride features are summed in.
+        """
         info = {}
+        per_down = len(self.vae.encoder.down_blocks[0].resnets)
+        for name, m in self._enc_taps.items():
+            k = int(name.rsplit("_", 1)[1])
+            info[name] = (m.in_channels, 2 ** (k // per_down))
         n_up = len(self.unet.up_blocks)
         per_up = len(self.unet.up_blocks[0].resnets)
         for name, m in self._unet_taps.items():
@@ -138,10 +147,6 @@ class DiffusionBackbone(nn.Module):
                 m.in_channels * len(self.timesteps),
                 self.vae_stride * 2 ** (n_up - 1 - k // per_up),
             )
-        per_down = len(self.vae.encoder.down_blocks[0].resnets)
-        for name, m in self._enc_taps.items():
-            k = int(name.rsplit("_", 1)[1])
-            info[name] = (m.in_channels, 2 ** (k // per_down))
         per_dec = len(self.vae.decoder.up_blocks[0].resnets)
         for name, m in self._dec_taps.items():
             k = int(name.rsplit("_", 1)[1])
@@ -150,13 +155,26 @@ class DiffusionBackbone(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def noise(self, latent_shape: tuple[int, ...], device, dtype) -> Tensor:
-        """(1, C, h, w) standard normal, the same for every image and every call."""
+        """(1, C, h, w) standard normal, the same for every image and every call.
+
+        PARITY: drawn once at the UNet's native latent size with seed ``noise_seed`` and resized
+        (bicubic) to other latent sizes, as the official ``LdmExtractor`` does.
+        """
         key = tuple(latent_shape[1:])
         if key not in self._noise_cache:
-            gen = torch.Generator().manual_seed(self.noise_seed)
             with torch.inference_mode(False):  # reused by training steps after a validation filled it
-                self._noise_cache[key] = torch.randn((1, *key), generator=gen)
+                base = self.shared_noise()
+                if tuple(base.shape[1:]) != key:
+                    base = F.interpolate(base, size=key[1:], mode="bicubic", align_corners=False)
+                self._noise_cache[key] = base
         return self._noise_cache[key].to(device=device, dtype=dtype)
+
+    def shared_noise(self) -> Tensor:
+        """(1, C, S, S) the noise as drawn, S = the UNet's ``sample_size`` (64 for SD v1)."""
+        size = self.unet.config.sample_size
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        gen = torch.Generator().manual_seed(self.noise_seed)
+        return torch.randn((1, self.unet.config.in_channels, *size), generator=gen)
 
     def encode(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] -> scaled latents (B, 4, H/8, W/8); fires the VAE taps."""
@@ -191,12 +209,16 @@ class DiffusionBackbone(nn.Module):
             handle.remove()
 
     def noisy_latents(self, latents: Tensor, t: int) -> Tensor:
-        """Eq. 1: sqrt(a_t) x + sqrt(1 - a_t) eps with the shared eps."""
-        # In fp32 whatever the latents' dtype: in bf16, alpha_bar_0 = 0.99915 rounds to 1 and the
-        # noise term (sqrt(1 - a) = 0.029) would vanish.
-        a = self.alphas_cumprod[t].float()
+        """Eq. 1: sqrt(a_t) x + sqrt(1 - a_t) eps with the shared eps.
+
+        In fp32 whatever the latents' dtype (in bf16, alpha_bar_0 = 0.99915 rounds to 1 and the noise
+        term sqrt(1 - a) = 0.029 would vanish); the square roots in float64, cast once, as the
+        official ``q_sample`` takes them from its float64 tables.
+        """
+        a = self.alphas_cumprod[t].double()
         eps = self.noise(latents.shape, latents.device, torch.float32)
-        return (a.sqrt() * latents.float() + (1 - a).sqrt() * eps).to(latents.dtype)
+        x = a.sqrt().float() * latents.float() + (1 - a).sqrt().float() * eps
+        return x.to(latents.dtype)
 
     def forward(self, images: Tensor, cond: Tensor, time_offset: Tensor | None = None) -> dict[str, Tensor]:
         """See class docstring. Gradients flow to ``cond`` / ``time_offset`` only."""
@@ -214,9 +236,9 @@ class DiffusionBackbone(nn.Module):
         unet_feats: dict[str, list[Tensor]] = {name: [] for name in self._unet_taps}
         with ExitStack() as stack:
             stack.enter_context(nullcontext() if needs_grad else torch.no_grad())
-            self._time_offset = time_offset
             try:
-                for t in self.timesteps:
+                for i, t in enumerate(self.timesteps):
+                    self._time_offset = None if time_offset is None else time_offset[:, i]
                     tt = torch.full((images.shape[0],), t, device=images.device, dtype=torch.long)
                     self.unet(
                         self.noisy_latents(latents, t), tt, encoder_hidden_states=cond.to(latents.dtype)
@@ -229,3 +251,21 @@ class DiffusionBackbone(nn.Module):
             feats[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         self._store = {}
         return feats
+
+
+def alphas_cumprod(scheduler) -> Tensor:
+    """(T,) float64 cumulative products of (1 - beta) of a diffusers DDPM scheduler's config.
+
+    Recomputed in float64 from the config rather than taken from the scheduler (which keeps float32):
+    PARITY with the official ``GaussianDiffusion`` tables (SD v1's ``scaled_linear`` betas are the
+    official ``ldm_linear`` ones: linear in sqrt(beta) from 0.00085 to 0.012 over 1000 steps).
+    """
+    cfg = scheduler.config
+    n = int(cfg.num_train_timesteps)
+    if cfg.beta_schedule == "scaled_linear":
+        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=torch.float64) ** 2
+    elif cfg.beta_schedule == "linear":
+        betas = torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float64)
+    else:
+        return torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)

@@ -17,7 +17,12 @@ def _gn(channels: int) -> nn.GroupNorm:
 
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck with GroupNorm (1x1 -> 3x3 -> 1x1, projection shortcut): (B, Cin, h, w) -> (B, Cout, h, w)."""
+    """ResNet bottleneck with GroupNorm (1x1 -> 3x3 -> 1x1): (B, Cin, h, w) -> (B, Cout, h, w).
+
+    PARITY with detectron2's ``BottleneckBlock(norm="GN")`` as the official pyramid builds it: the
+    shortcut is a 1x1 conv + GN only when the widths differ and the identity otherwise (the four
+    512-wide VAE taps of the official model have no shortcut weights).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, bottleneck_channels: int):
         super().__init__()
@@ -27,21 +32,26 @@ class Bottleneck(nn.Module):
         self.norm2 = _gn(bottleneck_channels)
         self.conv3 = nn.Conv2d(bottleneck_channels, out_channels, 1, bias=False)
         self.norm3 = _gn(out_channels)
-        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), _gn(out_channels))
-        for conv in (self.conv1, self.conv2, self.conv3, self.shortcut[0]):
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), _gn(out_channels))
+            if in_channels != out_channels
+            else None
+        )
+        for conv in (self.conv1, self.conv2, self.conv3, *(self.shortcut or [])[:1]):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.relu(self.norm1(self.conv1(x)))
         y = F.relu(self.norm2(self.conv2(y)))
         y = self.norm3(self.conv3(y))
-        return F.relu(y + self.shortcut(x))
+        return F.relu(y + (self.shortcut(x) if self.shortcut is not None else x))
 
 
 class FeaturePyramid(nn.Module):
-    """PARITY with the official resizer: each feature is resized (nearest) to its stride clamped
-    to [4, 32], projected by one bottleneck block to ``out_channels``, and features that land on
-    the same stride are summed.
+    """PARITY with the official ``FeatureExtractorBackbone.forward_features``: each feature is resized
+    (PyTorch's legacy ``nearest``) to ``image_size // s``, s its stride clamped to [4, 32], projected
+    by one bottleneck block to ``out_channels``, and features that land on the same stride are
+    summed in the backbone's feature order.
 
     ``features: dict[str, (B, C_i, H/stride_i, W/stride_i)]``, ``image_size: (H, W)``
     -> ``{"s2": (B, out, H/4, W/4), "s3": (B, out, H/8, W/8), "s4": ..., "s5": (B, out, H/32, W/32)}``
@@ -88,7 +98,7 @@ class FeaturePyramid(nn.Module):
         out: dict[str, Tensor] = {}
         for name, block in self.blocks.items():
             stride = self.target_stride[name]
-            size = (math.ceil(h / stride), math.ceil(w / stride))
+            size = (h // stride, w // stride)
             x = features[name]
             if tuple(x.shape[-2:]) != size:
                 x = F.interpolate(x, size=size, mode="nearest")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from odise_pl.model.clip import FrozenCLIP
 from odise_pl.model.diffusion_backbone import DiffusionBackbone
+from odise_pl.model.sliding_window import slide
 from odise_pl.model.text_encoder import SDTextEncoder
 
 
@@ -18,19 +19,22 @@ class ODISE(nn.Module):
 
     ``images: (B, 3, H, W) in [0, 1]`` (H, W multiples of the backbone's size divisibility, 64 for
     SD) -> ``{pred_masks: (B, Q, H/4, W/4), mask_embed: (B, Q, D), aux_outputs: [...]}``;
-    :meth:`classify` adds ``pred_logits: (B, Q, K + 1)`` for a vocabulary.
+    :meth:`classify` adds ``pred_logits: (B, Q, K [+ 1])`` for a vocabulary.
 
     Args:
         backbone, text_encoder, clip: frozen, built by Hydra from ``odise_pl.weights``.
-        captioner: partial; completed with ``text_encoder``, ``clip``, ``time_embed_dim``.
+        captioner: partial; completed with ``text_encoder``, ``clip``, ``time_embed_dim``, ``num_timesteps``.
         pyramid: partial; completed with the backbone's ``feature_info``.
         pixel_decoder, transformer_decoder: built.
-        classifier: partial; completed with CLIP's ``embed_dim``.
-        backbone_size: the diffusion model's native input (512); larger inputs are processed by a
-            sliding window of this size (PARITY with the official slide inference / training).
-        slide_stride: window step (multiple of 64); default = ``backbone_size`` (no overlap when
-            the size divides; the last window is aligned to the border and overlaps are averaged).
-        prompt_templates: prompts for category names ("a photo of a {}.").
+        classifier: partial; completed with CLIP's width, the mask embedding's width and, for a
+            model without the objectness head (label supervision), CLIP's embedding of "" as the
+            null embedding's initial value (PARITY).
+        backbone_size: the diffusion model's native input (512); images are processed by the
+            official sliding window (:mod:`~odise_pl.model.sliding_window`).
+        prompt: template for the diffusion side's text (category names, caption nouns). PARITY:
+            ``None`` (bare names) for label models, ``"a photo of a {}."`` for caption models.
+        clip_prompt: template for CLIP's own classification at test time (official: ``"a photo of a {}."``).
+        windows_per_pass: sliding windows run through the backbone together (``None``: all).
 
     """
 
@@ -46,33 +50,38 @@ class ODISE(nn.Module):
         transformer_decoder: nn.Module,
         classifier: Callable[..., nn.Module],
         backbone_size: int = 512,
-        slide_stride: int | None = None,
-        prompt_templates: tuple[str, ...] | list[str] = ("a photo of a {}.",),
+        prompt: str | None = None,
+        clip_prompt: str | None = "a photo of a {}.",
+        windows_per_pass: int | None = None,
     ):
         super().__init__()
         self.backbone = backbone
         self.text_encoder = text_encoder
         self.clip = clip
         self.captioner = captioner(
-            text_encoder=text_encoder, clip=clip, time_embed_dim=backbone.time_embed_dim
+            text_encoder=text_encoder,
+            clip=clip,
+            time_embed_dim=backbone.time_embed_dim,
+            num_timesteps=len(getattr(backbone, "timesteps", (0,))),
         )
         self.pyramid = pyramid(feature_info=backbone.feature_info())
         self.pixel_decoder = pixel_decoder
         self.transformer_decoder = transformer_decoder
-        self.classifier = classifier(embed_dim=clip.embed_dim)
-        head = getattr(transformer_decoder, "embed_head", None)
-        out_dim = head[-1].layers[-1].out_features if head is not None else clip.embed_dim
-        if out_dim != clip.embed_dim:
-            raise ValueError(
-                f"the mask-embedding head outputs {out_dim} dims but CLIP's embedding has {clip.embed_dim}; "
-                f"set model.net.transformer_decoder.embed_dim={clip.embed_dim}"
-            )
+        has_objectness = getattr(transformer_decoder, "class_embed", None) is not None
+        self.classifier = classifier(
+            text_dim=clip.embed_dim,
+            embed_dim=transformer_decoder.embed_dim,
+            null_init=None if has_objectness else clip.encode_text([""])[0],
+        )
         self.backbone_size = backbone_size
-        self.slide_stride = slide_stride or backbone_size
         self.size_divisibility = backbone.size_divisibility
-        if backbone_size % self.size_divisibility or self.slide_stride % self.size_divisibility:
-            raise ValueError(f"backbone_size and slide_stride must be multiples of {self.size_divisibility}")
-        self.prompt_templates = tuple(prompt_templates)
+        if backbone_size % self.size_divisibility:
+            raise ValueError(f"backbone_size must be a multiple of {self.size_divisibility}")
+        for name, template in (("prompt", prompt), ("clip_prompt", clip_prompt)):
+            if template is not None and "{}" not in template:
+                raise ValueError(f"model.net.{name}={template!r} must contain '{{}}' where the name goes")
+        self.prompt, self.clip_prompt = prompt, clip_prompt
+        self.windows_per_pass = windows_per_pass
         self._vocab_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     # -- frozen / trainable split ----------------------------------------------------------------
@@ -91,37 +100,23 @@ class ODISE(nn.Module):
         return tuple(prefixes)
 
     # -- features ----------------------------------------------------------------------------
-    def _window_starts(self, length: int) -> list[int]:
-        if length <= self.backbone_size:
-            return [0]
-        starts = list(range(0, length - self.backbone_size + 1, self.slide_stride))
-        if starts[-1] != length - self.backbone_size:
-            starts.append(length - self.backbone_size)
-        return starts
+    def _window_pyramid(self, windows: Tensor, window_size: tuple[int, int], captions) -> dict[str, Tensor]:
+        """Backbone + pyramid of one batch of windows (already at the backbone's size)."""
+        if captions is not None and windows.shape[0] != len(captions):
+            captions = list(captions) * (windows.shape[0] // len(captions))  # window-major, like the crops
+        cond, offset = self.captioner(windows, captions)
+        return self.pyramid(self.backbone(windows, cond, offset), window_size)
 
-    def extract_features(self, images: Tensor, captions: list[str] | None = None) -> dict[str, Tensor]:
-        """Images (B, 3, H, W) in [0, 1] -> backbone features averaged over sliding windows."""
-        h, w = images.shape[-2:]
-        ys, xs = self._window_starts(h), self._window_starts(w)
-        if len(ys) == 1 and len(xs) == 1:
-            cond, offset = self.captioner(images, captions)
-            return self.backbone(images, cond, offset)
-        sums: dict[str, Tensor] = {}
-        counts: dict[str, Tensor] = {}
-        win_h, win_w = min(h, self.backbone_size), min(w, self.backbone_size)
-        for y in ys:
-            for x in xs:
-                crop = images[..., y : y + win_h, x : x + win_w]
-                cond, offset = self.captioner(crop, captions)
-                for name, f in self.backbone(crop, cond, offset).items():
-                    stride = win_h // f.shape[-2]
-                    if name not in sums:
-                        sums[name] = f.new_zeros(*f.shape[:2], math.ceil(h / stride), math.ceil(w / stride))
-                        counts[name] = f.new_zeros(1, 1, *sums[name].shape[-2:])
-                    fy, fx = y // stride, x // stride
-                    sums[name][..., fy : fy + f.shape[-2], fx : fx + f.shape[-1]] += f
-                    counts[name][..., fy : fy + f.shape[-2], fx : fx + f.shape[-1]] += 1
-        return {name: sums[name] / counts[name].clamp(min=1) for name in sums}
+    def features(self, images: Tensor, captions: list[str] | None = None) -> dict[str, Tensor]:
+        """Images (B, 3, H, W) in [0, 1] -> the feature pyramid s2..s5, by the sliding window."""
+        out, _ = slide(
+            images,
+            self.backbone_size,
+            lambda windows, size: self._window_pyramid(windows, size, captions),
+            self.pyramid.strides,
+            self.windows_per_pass,
+        )
+        return out
 
     def forward(self, images: Tensor, captions: list[str] | None = None) -> dict:
         div = self.size_divisibility
@@ -129,36 +124,42 @@ class ODISE(nn.Module):
             raise ValueError(
                 f"input size {tuple(images.shape[-2:])} must be a multiple of {div}; pad it first"
             )
-        feats = self.extract_features(images, captions)
-        pyramid = self.pyramid(feats, tuple(images.shape[-2:]))
-        mask_features, multi_scale = self.pixel_decoder(pyramid)
+        mask_features, multi_scale = self.pixel_decoder(self.features(images, captions))
         return self.transformer_decoder(multi_scale, mask_features)
 
     # -- vocabulary --------------------------------------------------------------------------
-    def text_embeddings(self, vocabulary: list[list[str]]) -> tuple[Tensor, Tensor]:
-        """(K, S, D), (K, S) for a vocabulary of synonym lists; cached per vocabulary."""
-        key = (tuple(tuple(v) for v in vocabulary), self.prompt_templates)
+    def text_embeddings(
+        self, vocabulary: list[list[str]], side: Literal["diffusion", "clip"] = "diffusion"
+    ) -> tuple[Tensor, Tensor]:
+        """Raw CLIP text embeddings (K, S, T) and valid (K, S) of a vocabulary of synonym lists, in
+        the ``side``'s prompt (:attr:`prompt` or :attr:`clip_prompt`); cached per vocabulary.
+        """
+        prompt = self.prompt if side == "diffusion" else self.clip_prompt
+        key = (tuple(tuple(v) for v in vocabulary), prompt)
         if key not in self._vocab_cache:
             # Outside inference mode: a cache filled during validation is reused by training steps.
             with torch.inference_mode(False), torch.no_grad():
-                self._vocab_cache[key] = self.clip.embed_vocabulary(vocabulary, self.prompt_templates)
+                self._vocab_cache[key] = self.clip.embed_vocabulary(vocabulary, prompt)
         emb, valid = self._vocab_cache[key]
         device = self.classifier.logit_scale.device
         return emb.to(device), valid.to(device)
 
     def word_embeddings(self, words: list[list[str]]) -> Tensor:
-        """B lists of K nouns -> (B, K, D) prompted, normalised CLIP text embeddings (not cached).
+        """B lists of K nouns -> (B, K, D) projected, normalised embeddings (the grounding loss's words).
 
-        Each distinct noun is encoded once: K_word nouns are sampled with replacement, so most repeat.
+        PARITY with the official ``WordEmbed``: each noun in the prompt (``"a photo of a {}."``),
+        CLIP's raw text embedding, the trained ``text_proj``. Each distinct noun is encoded once:
+        K_word nouns are sampled with replacement, so most repeat.
         """
         flat = [w for ws in words for w in ws]
         unique = list(dict.fromkeys(flat))
-        emb = self.clip.embed_vocabulary([[w] for w in unique], self.prompt_templates)[0][:, 0]
-        index = torch.tensor([unique.index(w) for w in flat], device=emb.device)
-        return emb[index].view(len(words), -1, emb.shape[-1])
+        raw = self.clip.embed_vocabulary([[w] for w in unique], self.prompt)[0][:, 0]
+        index = torch.tensor([unique.index(w) for w in flat], device=raw.device)
+        emb = self.classifier.project(raw.to(self.classifier.logit_scale.device))
+        return emb[index.to(emb.device)].view(len(words), -1, emb.shape[-1])
 
     def classify(self, outputs: dict, text_embed: Tensor, valid: Tensor) -> dict:
-        """Adds ``pred_logits: (B, Q, K + 1)`` to the main and every aux prediction set."""
+        """Adds ``pred_logits: (B, Q, K [+ 1])`` to the main and every aux prediction set."""
         for out in [outputs, *outputs.get("aux_outputs", [])]:
             out["pred_logits"] = self.classifier(out["mask_embed"], text_embed, valid)
         return outputs

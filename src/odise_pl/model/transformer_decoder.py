@@ -65,14 +65,14 @@ def mask_pool(features: Tensor, masks: Tensor) -> Tensor:
     # features comes out in their own (B, C, HW) layout, so adding it to the mask product's
     # gradient and the convolution backward need no transposing copy of a (B, C, H, W) tensor.
     pooled = torch.bmm(features.flatten(2), m.transpose(1, 2)).transpose(1, 2)
-    return pooled / area.clamp(min=1.0)
+    return pooled / (area + 1e-8)  # PARITY: the official MaskPooling's denominator (0 for an empty mask)
 
 
 class MaskedTransformerDecoder(nn.Module):
     """``multi_scale: [(B, C, h_l, w_l)] x 3`` (coarsest first), ``mask_features: (B, C, H/4, W/4)`` ->::
 
         pred_masks: (B, Q, H/4, W/4) logits
-        mask_embed: (B, Q, D)  the mask embedding z_i, D = embed_dim (CLIP's)
+        mask_embed: (B, Q, D)  the mask embedding z_i, D = embed_dim (official: projection_dim = mask_dim, 256)
         pred_objectness: (B, Q, 2) logits (object, no object), only with ``objectness``
         aux_outputs: [{pred_masks, mask_embed[, pred_objectness]}] x num_layers  (learnable queries +
             all but the last layer; training only: inference computes just their attention masks)
@@ -102,12 +102,13 @@ class MaskedTransformerDecoder(nn.Module):
         dim_feedforward: int = 2048,
         num_layers: int = 9,
         dropout: float = 0.0,
-        embed_dim: int = 768,
+        embed_dim: int = 256,
         num_levels: int = 3,
         objectness: bool = False,
     ):
         super().__init__()
         self.num_heads, self.num_layers, self.num_levels = num_heads, num_layers, num_levels
+        self.embed_dim = embed_dim
         self.pe = PositionEmbeddingSine(hidden_dim // 2)
         self.level_embed = nn.Embedding(num_levels, hidden_dim)
         self.input_proj = nn.ModuleList(
@@ -165,7 +166,8 @@ class MaskedTransformerDecoder(nn.Module):
                 d["pred_objectness"] = o
         return sets
 
-    def forward(self, multi_scale: list[Tensor], mask_features: Tensor) -> dict:
+    def forward(self, multi_scale: list[Tensor], mask_features: Tensor, aux: bool | None = None) -> dict:
+        """``aux``: also predict the auxiliary sets (default: in training only)."""
         srcs, pos, sizes = [], [], []
         for i in range(self.num_levels):
             x = multi_scale[i]
@@ -183,7 +185,7 @@ class MaskedTransformerDecoder(nn.Module):
         query_pos = self.query_embed.weight[None].expand(b, -1, -1)
         output = self.query_feat.weight[None].expand(b, -1, -1)
         # Auxiliary prediction sets feed the deep-supervision losses only: skipped outside training.
-        full = self.training
+        full = self.training if aux is None else aux
         heads = []
         out, mask_embed, attn_mask = self._attention_mask(output, small[0])
         if full:
