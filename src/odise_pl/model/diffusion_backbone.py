@@ -34,6 +34,7 @@ class DiffusionBackbone(nn.Module):
         noise_seed: seed of the one noise tensor shared by all images. PARITY: seed 42, drawn at the
             UNet's native latent size (64 x 64 for SD v1) and bicubic-resized to other latent sizes;
             regenerated at start-up, never saved.
+        noise_size: (h, w) the noise is drawn at (default: the UNet's ``sample_size``).
 
     """
 
@@ -48,6 +49,7 @@ class DiffusionBackbone(nn.Module):
         vae_decoder_block_indices: Sequence[int] = (2, 5),
         timesteps: Sequence[int] = (0,),
         noise_seed: int = 42,
+        noise_size: Sequence[int] | None = None,
     ):
         super().__init__()
         self.unet = unet.eval().requires_grad_(False)
@@ -60,6 +62,7 @@ class DiffusionBackbone(nn.Module):
         if any(not 0 <= t < n_train for t in self.timesteps):
             raise ValueError(f"timesteps {self.timesteps} must lie in [0, {n_train})")
         self.noise_seed = int(noise_seed)
+        self.noise_size = tuple(noise_size) if noise_size else None
         self._noise_cache: dict[tuple, Tensor] = {}
 
         self._unet_taps = self._resolve(
@@ -170,8 +173,8 @@ class DiffusionBackbone(nn.Module):
         return self._noise_cache[key].to(device=device, dtype=dtype)
 
     def shared_noise(self) -> Tensor:
-        """(1, C, S, S) the noise as drawn, S = the UNet's ``sample_size`` (64 for SD v1)."""
-        size = self.unet.config.sample_size
+        """(1, C, S, S) the noise as drawn, S = ``noise_size`` or the UNet's ``sample_size`` (64 for SD v1)."""
+        size = self.noise_size or self.unet.config.sample_size
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         gen = torch.Generator().manual_seed(self.noise_seed)
         return torch.randn((1, self.unet.config.in_channels, *size), generator=gen)
