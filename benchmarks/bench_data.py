@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from odise_pl.data.coco_panoptic import read_ids
-from odise_pl.data.synthetic import ids_to_rgb, write_dataset
+from odise_pl.data.io import ids_to_rgb, read_ids
+from odise_pl.data.synthetic import write_dataset
 
 
 def make_data(root: Path, n: int, scale: int) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from odise_pl.data.synthetic import ids_to_rgb, write_dataset
+from odise_pl.data.io import ids_to_rgb
+from odise_pl.data.synthetic import write_dataset
 from odise_pl.evaluation.panoptic_quality import evaluate_files, read_ids
 from odise_pl.evaluation.perturb import write_predictions
 

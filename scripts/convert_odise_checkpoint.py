@@ -20,13 +20,13 @@ import sys
 
 from safetensors.torch import save_file
 
-from odise_pl.checkpoint import CheckpointError
 from odise_pl.convert import (
     convert_state_dict,
     is_caption_checkpoint,
     read_their_checkpoint,
     their_feature_order,
 )
+from odise_pl.errors import CheckpointError
 
 
 def build_net(experiment: str, overrides: list[str], weights_mode: str = "meta"):

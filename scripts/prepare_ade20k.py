@@ -13,8 +13,8 @@ ROOT/annotations_detectron2/validation/*.png (used by `datasets=[ade150]`).
 import argparse
 import sys
 
-from odise_pl.data.coco_panoptic import DatasetError
 from odise_pl.data.prepare import prepare_ade20k
+from odise_pl.errors import DatasetError
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

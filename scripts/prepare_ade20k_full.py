@@ -15,8 +15,8 @@ restricted unpickler (containers and numpy arrays only).
 import argparse
 import sys
 
-from odise_pl.data.coco_panoptic import DatasetError
 from odise_pl.data.prepare import prepare_ade20k_full
+from odise_pl.errors import DatasetError
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -12,8 +12,8 @@ common classes (matched by name to the 459 list) and mark the rest 255.
 import argparse
 import sys
 
-from odise_pl.data.coco_panoptic import DatasetError
 from odise_pl.data.prepare import prepare_pascal_context
+from odise_pl.errors import DatasetError
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -10,8 +10,8 @@ ImageSets/Segmentation/val.txt; writes OUT/images/validation and OUT/annotations
 import argparse
 import sys
 
-from odise_pl.data.coco_panoptic import DatasetError
 from odise_pl.data.prepare import prepare_pascal_voc
+from odise_pl.errors import DatasetError
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -15,8 +15,8 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from odise_pl.checkpoint import CheckpointError
 from odise_pl.convert import convert_state_dict, official_name, read_their_checkpoint
+from odise_pl.errors import CheckpointError
 from odise_pl.optim import weight_decay_of
 from odise_pl.weights import count_parameters
 from test_official_parity import PARITY

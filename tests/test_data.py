@@ -7,10 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from odise_pl.data.coco_panoptic import COCOPanopticDataset, DatasetError, rgb_to_ids
-from odise_pl.data.synthetic import ids_to_rgb, write_dataset
+from odise_pl.data.coco_panoptic import COCOPanopticDataset
+from odise_pl.data.io import ids_to_rgb, rgb_to_ids
+from odise_pl.data.synthetic import write_dataset
 from odise_pl.data.transforms import LSJ, ResizeShortestEdge
 from odise_pl.datamodule import collate
+from odise_pl.errors import DatasetError
 
 
 def test_reader_round_trips_the_generator(synthetic_root):

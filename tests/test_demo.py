@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from odise_pl.data.coco_panoptic import rgb_to_ids
+from odise_pl.data.io import rgb_to_ids
 from odise_pl.demo import main
 
 

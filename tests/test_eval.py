@@ -3,7 +3,8 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 
-from odise_pl.checkpoint import CheckpointError, export_safetensors, load_trainable
+from odise_pl.checkpoint import export_safetensors, load_trainable
+from odise_pl.errors import CheckpointError
 from odise_pl.eval import evaluate
 from odise_pl.train import CONFIG_DIR, build, train
 

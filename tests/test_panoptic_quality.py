@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 
 from odise_pl.data.synthetic import write_dataset
-from odise_pl.evaluation.panoptic_quality import (
-    PanopticEvalError,
-    evaluate_files,
-    image_stats,
-    main,
-    summarize,
-)
+from odise_pl.errors import PanopticEvalError
+from odise_pl.evaluation.panoptic_quality import evaluate_files, image_stats, main, summarize
 from odise_pl.evaluation.perturb import write_predictions
 
 
@@ -151,7 +146,7 @@ def test_agrees_with_coco_api_on_noisy_maps(tmp_path, noise):
     # count must give the COCO API's numbers either way.
     from PIL import Image
 
-    from odise_pl.data.synthetic import ids_to_rgb
+    from odise_pl.data.io import ids_to_rgb
 
     rng = np.random.default_rng(int(noise * 100))
     cats = [{"id": c, "name": f"c{c}", "isthing": int(c != 3)} for c in (1, 2, 3)]

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from scipy.io import savemat
 
-from odise_pl.data.coco_panoptic import COCOPanopticDataset, DatasetError
+from odise_pl.data.coco_panoptic import COCOPanopticDataset
 from odise_pl.data.prepare import (
     ade_thing_mapping,
     prepare_ade20k,
@@ -17,6 +17,7 @@ from odise_pl.data.prepare import (
 )
 from odise_pl.data.semantic import SemanticSegDataset
 from odise_pl.data.vocab import dataset_vocab
+from odise_pl.errors import DatasetError
 from odise_pl.eval import dataset_vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from odise_pl.data.coco_panoptic import DatasetError
 from odise_pl.data.semantic import SemanticSegDataset
+from odise_pl.errors import DatasetError
 
 
 def write(root, names, shape=(20, 30), classes=4, fmt="png"):

@@ -237,7 +237,7 @@ def test_text_proj_maps_clip_to_any_mask_embedding_width(tmp_path):
 
 
 def test_a_training_vocabulary_that_does_not_fit_the_dataset_is_refused(tmp_path):
-    from odise_pl.data.vocab import VocabularyError
+    from odise_pl.errors import VocabularyError
 
     with pytest.raises(
         VocabularyError, match="train_vocabulary=coco does not describe .*train_vocabulary=dataset"

@@ -2,12 +2,12 @@ import pytest
 
 from odise_pl.data.vocab import (
     DATASET_VOCABS,
-    VocabularyError,
     dataset_vocab,
     load_vocab_file,
     parse_openseg,
     parse_vocab_string,
 )
+from odise_pl.errors import VocabularyError
 
 
 def test_openseg_format_keeps_ids_and_skips_invalid():

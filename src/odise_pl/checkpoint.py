@@ -7,25 +7,20 @@ Nothing here unpickles code: ``torch.load(weights_only=True)`` or safetensors on
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
+import re
 import sys
-import tempfile
 from pathlib import Path
 
 import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io import TorchCheckpointIO
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
-from odise_pl.errors import OdiseError
+from odise_pl.errors import CheckpointError, OdiseError
+from odise_pl.fs import atomic_write, check_writable_file
 from odise_pl.weights import safe_torch_load
-
-
-class CheckpointError(OdiseError, RuntimeError):
-    """An unreadable or mismatching checkpoint; the message names the file."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -43,52 +38,62 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         fs, local = fsspec.core.url_to_fs(str(path))
         if storage_options is not None or not isinstance(fs, LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        target = Path(local)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
-        except OSError as err:
-            raise self._failed(target, err) from err
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException as err:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            # torch's zip writer re-raises a failed write (ENOSPC) as a RuntimeError; either way the
-            # cause is the write, not the trainer.
-            if isinstance(err, Exception):
-                raise self._failed(
-                    target, err.__context__ if isinstance(err.__context__, OSError) else err
-                ) from err
-            raise
+        atomic_write(Path(local), lambda f: torch.save(checkpoint, f), on_error=_write_failed)
 
-    @staticmethod
-    def _failed(target: Path, err: BaseException) -> CheckpointError:
-        return CheckpointError(
-            f"could not write checkpoint {target} ({err}). Checkpoints are written to a temporary file and "
-            f"renamed into place, so the earlier ones in {target.parent} are intact: free disk space, then "
-            f"resume with ckpt_path={target.parent / 'last.ckpt'}"
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        """Every checkpoint Lightning reads (resume, validate) with ``weights_only=True``, whatever
+        the caller or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` asks: a checkpoint never runs code.
+        """
+        return read_checkpoint(path, map_location)
+
+
+def _write_failed(target: Path, err: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"could not write checkpoint {target} ({err}). Checkpoints are written to a temporary file and "
+        f"renamed into place, so the earlier ones in {target.parent} are intact: free disk space, then "
+        f"resume with ckpt_path={target.parent / 'last.ckpt'}"
+    )
+
+
+def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A Lightning checkpoint as a dict, loaded with ``weights_only=True``; any failure (missing,
+    a directory, empty, truncated, not a checkpoint, holding code) is one :class:`CheckpointError`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a directory; give the .ckpt file inside it (e.g. last.ckpt)"
         )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = safe_torch_load(path, map_location=map_location or "cpu")
+    except Exception as err:  # truncated, empty, not a checkpoint, or holding code objects
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(err).__name__}: {first} (an incomplete copy? the previous "
+            "step_*.ckpt files of a run are complete)"
+        ) from err
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (it holds a {type(ckpt).__name__})")
+    return ckpt
 
 
 def read_trainable(path: str | Path) -> dict[str, torch.Tensor]:
     """Trainable weights of the ODISE net (keys relative to it) from a .ckpt or .safetensors file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" and path.is_file():
+        try:
             return load_file(str(path))
-        ckpt = safe_torch_load(path)
-    except Exception as err:  # truncated, not a checkpoint, or holding code objects
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds no state_dict")
+        except Exception as err:
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    ckpt = read_checkpoint(path)
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"{path} holds no state_dict of weights (keys: {sorted(ckpt)[:6]}); give a checkpoint written "
+            "by `python -m odise_pl.train` (a .ckpt) or its export (.safetensors)"
+        )
     return {k[len("net.") :] if k.startswith("net.") else k: v for k, v in state.items()}
 
 
@@ -113,12 +118,74 @@ def load_trainable(net: nn.Module, path: str | Path) -> None:
     net.load_state_dict(state, strict=False)
 
 
+# Trainable tensors whose shapes are config values: tensor -> the config key of each dimension.
+_SHAPE_KEYS = {
+    "transformer_decoder.query_feat.weight": (
+        "model.net.transformer_decoder.num_queries",
+        "model.net.transformer_decoder.hidden_dim",
+    ),
+    "transformer_decoder.ffn.0.linear1.weight": ("model.net.transformer_decoder.dim_feedforward", None),
+    "pixel_decoder.mask_features.weight": (
+        "model.net.pixel_decoder.mask_dim",
+        "model.net.pixel_decoder.conv_dim",
+    ),
+    "pixel_decoder.layers.0.linear1.weight": ("model.net.pixel_decoder.dim_feedforward", None),
+    "transformer_decoder.embed_head.1.layers.2.weight": ("model.net.transformer_decoder.embed_dim", None),
+}
+_LAYER_KEYS = {
+    r"transformer_decoder\.cross_attn\.(\d+)\.": "model.net.transformer_decoder.num_layers",
+    r"pixel_decoder\.layers\.(\d+)\.": "model.net.pixel_decoder.num_layers",
+}
+
+
+def describe_mismatch(ckpt: dict[str, tuple], model: dict[str, tuple]) -> list[str]:
+    """Where a checkpoint's trainable tensors (name -> shape) differ from a model's, as config
+    values where they are config values (``key: checkpoint A, config B``), else as tensors.
+    """
+    out = []
+    kinds = [
+        (
+            "caption (objectness head: model.supervision=caption, experiment=caption_*)",
+            "transformer_decoder.class_embed.weight",
+        ),
+        ("label (null embedding: model.supervision=label, experiment=label_*)", "classifier.null_embed"),
+    ]
+    ck = next((k for k, key in kinds if key in ckpt), None)
+    mk = next((k for k, key in kinds if key in model), None)
+    if ck != mk:
+        out.append(f"model kind: checkpoint {ck}, config {mk}")
+    for pattern, key in _LAYER_KEYS.items():
+        count = [len({m.group(1) for k in d if (m := re.match(pattern, k))}) for d in (ckpt, model)]
+        if count[0] != count[1]:
+            out.append(f"{key}: checkpoint {count[0]}, config {count[1]}")
+    for name, keys in _SHAPE_KEYS.items():
+        if name in ckpt and name in model and ckpt[name] != model[name]:
+            for key, a, b in zip(keys, ckpt[name], model[name]):
+                if key and a != b and not any(line.startswith(key + ":") for line in out):
+                    out.append(f"{key}: checkpoint {a}, config {b}")
+    if not out:
+        diff = [k for k in model if k in ckpt and tuple(ckpt[k]) != tuple(model[k])]
+        missing = [k for k in model if k not in ckpt]
+        extra = [k for k in ckpt if k not in model]
+        out += [f"{k}: checkpoint {tuple(ckpt[k])}, config {tuple(model[k])}" for k in diff[:3]]
+        out += [f"missing in the checkpoint: {', '.join(missing[:3])}"] if missing else []
+        out += [f"not in this model: {', '.join(extra[:3])}"] if extra else []
+    return out
+
+
 def export_safetensors(ckpt_path: str | Path, out: str | Path) -> Path:
-    """A Lightning checkpoint -> one ``.safetensors`` file of the trainable weights (for inference)."""
+    """A Lightning checkpoint -> one ``.safetensors`` file of the trainable weights (for inference),
+    written atomically; the checkpoint itself is never the output.
+    """
+    ckpt_path, out = Path(ckpt_path), Path(out)
+    if out.exists() and (out.is_dir() or out.resolve() == ckpt_path.resolve() or out.samefile(ckpt_path)):
+        what = "a directory" if out.is_dir() else "the checkpoint being exported"
+        raise CheckpointError(
+            f"the output {out} is {what}; give a new file name, e.g. {ckpt_path.with_suffix('.safetensors')}"
+        )
+    check_writable_file(out)
     state = {k: v.contiguous() for k, v in read_trainable(ckpt_path).items()}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out))
+    atomic_write(out, lambda f: f.write(save(state)))
     return out
 
 
@@ -131,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         out = export_safetensors(a.ckpt, a.out)
-    except CheckpointError as err:
+    except OdiseError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")

@@ -92,6 +92,81 @@ def _walk(node, path: str, errors: list[str]) -> None:
                 )
 
 
+# Allowed ranges of numeric values: key -> (low, high, is the low end excluded). The signatures say a
+# value's type; these are what a type cannot say (a batch of 0, a negative learning rate).
+RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "seed": (0, None, False),
+    "data.batch_size": (1, None, False),
+    "data.val_batch_size": (1, None, False),
+    "data.global_batch_size": (1, None, False),
+    "data.num_workers": (0, None, False),
+    "data.k_words": (0, None, False),
+    "data.size_divisibility": (1, None, False),
+    "data.train_transform.size": (1, None, False),
+    "data.train_transform.min_scale": (0, None, True),
+    "data.train_transform.max_scale": (0, None, True),
+    "data.val_transform.short_edge": (1, None, False),
+    "data.val_transform.max_size": (1, None, False),
+    "model.optimizer.lr": (0, None, True),
+    "model.optimizer.weight_decay": (0, None, False),
+    "model.ensemble_alpha": (0, 1, False),
+    "model.ensemble_beta": (0, 1, False),
+    "model.object_mask_threshold": (0, 1, False),
+    "model.overlap_threshold": (0, 1, False),
+    "model.instance_topk": (1, None, False),
+    "model.max_nonfinite_steps": (1, None, False),
+    "model.net.backbone_size": (64, None, False),
+    "model.net.windows_per_pass": (1, None, False),
+    "model.net.pyramid.out_channels": (1, None, False),
+    "model.net.pixel_decoder.conv_dim": (1, None, False),
+    "model.net.pixel_decoder.mask_dim": (1, None, False),
+    "model.net.pixel_decoder.num_layers": (0, None, False),
+    "model.net.pixel_decoder.num_heads": (1, None, False),
+    "model.net.pixel_decoder.num_points": (1, None, False),
+    "model.net.pixel_decoder.dim_feedforward": (1, None, False),
+    "model.net.transformer_decoder.num_queries": (1, None, False),
+    "model.net.transformer_decoder.num_layers": (1, None, False),
+    "model.net.transformer_decoder.hidden_dim": (1, None, False),
+    "model.net.transformer_decoder.num_heads": (1, None, False),
+    "model.net.transformer_decoder.dim_feedforward": (1, None, False),
+    "model.net.transformer_decoder.embed_dim": (1, None, False),
+    "model.criterion.class_weight": (0, None, False),
+    "model.criterion.mask_weight": (0, None, False),
+    "model.criterion.dice_weight": (0, None, False),
+    "model.criterion.no_object_weight": (0, None, False),
+    "model.criterion.num_points": (1, None, False),
+    "model.criterion.oversample_ratio": (1, None, False),
+    "model.criterion.importance_ratio": (0, 1, False),
+    "trainer.max_steps": (1, None, False),
+    "trainer.val_check_interval": (0, None, True),
+    "trainer.log_every_n_steps": (1, None, False),
+    "trainer.accumulate_grad_batches": (1, None, False),
+    "trainer.gradient_clip_val": (0, None, False),
+    "trainer.num_nodes": (1, None, False),
+    "callbacks.model_checkpoint.every_n_train_steps": (0, None, False),
+}
+
+
+def _range_text(low, high, open_low: bool) -> str:
+    if high is None:
+        return f"{'>' if open_low else '>='} {low}"
+    return f"{'(' if open_low else '['}{low}, {high}]"
+
+
+def _out_of_range(container: dict) -> list[str]:
+    errors = []
+    for key, (low, high, open_low) in RANGES.items():
+        node = container
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, bool) or not isinstance(node, (int, float)):
+            continue  # absent, null, or not a number (e.g. trainer.devices=auto): not ours to judge
+        below = node <= low if open_low else node < low
+        if below or (high is not None and node > high):
+            errors.append(f"{key}={node} is outside the allowed range {_range_text(low, high, open_low)}")
+    return errors
+
+
 def check_config(cfg: DictConfig, keys: Sequence[str] | None = None) -> None:
     """Raise :class:`ConfigError` listing every value that cannot fill its ``_target_``'s parameter.
 
@@ -104,6 +179,9 @@ def check_config(cfg: DictConfig, keys: Sequence[str] | None = None) -> None:
     for key, value in container.items():
         if keys is None or key in keys:
             _walk(value, str(key), errors)
+    errors += [
+        e for e in _out_of_range(container) if keys is None or e.split(".", 1)[0].split("=")[0] in keys
+    ]
     if errors:
         raise ConfigError(
             "config values of the wrong type or outside the allowed values:\n  "

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from odise_pl.checkpoint import CheckpointError
+from odise_pl.errors import CheckpointError
 
 _FE = "backbone.feature_extractor."
 _FP = "backbone.feature_projections.{tap}.0."

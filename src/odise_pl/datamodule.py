@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -131,10 +130,10 @@ class ODISEDataModule(L.LightningDataModule):
         self.train_set = self.val_set = None
 
     def prepare_data(self) -> None:
-        if self.synthetic and not (Path(self.synthetic["root"]) / "annotations").is_dir():
-            from odise_pl.data.synthetic import write_dataset
+        if self.synthetic:
+            from odise_pl.data.synthetic import ensure_dataset
 
-            write_dataset(
+            ensure_dataset(
                 self.synthetic["root"],
                 self.synthetic.get("num_train", 64),
                 self.synthetic.get("num_val", 16),

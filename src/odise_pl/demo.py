@@ -21,17 +21,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from odise_pl.data.coco_panoptic import load_image
-from odise_pl.data.synthetic import ids_to_rgb
+from odise_pl.data.io import ids_to_rgb, load_image
 from odise_pl.data.transforms import ResizeShortestEdge, pad_to_divisible
-from odise_pl.data.vocab import (
-    Vocabulary,
-    VocabularyError,
-    dataset_vocab,
-    load_vocab_file,
-    parse_vocab_string,
-)
-from odise_pl.errors import report_user_error
+from odise_pl.data.vocab import Vocabulary, dataset_vocab, load_vocab_file, parse_vocab_string
+from odise_pl.errors import VocabularyError, report_user_error
 
 
 def build_vocabulary(vocab: str | None, vocab_file: str | None, dataset_vocabs: str | None) -> Vocabulary:

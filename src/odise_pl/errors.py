@@ -20,6 +20,30 @@ class ConfigError(OdiseError, ValueError):
     """A config value of the wrong type or outside its allowed values; the message names the key."""
 
 
+class DatasetError(OdiseError, RuntimeError):
+    """Bad or missing data; the message names the file and the fix."""
+
+
+class CheckpointError(OdiseError, RuntimeError):
+    """An unreadable or mismatching checkpoint; the message names the file."""
+
+
+class VocabularyError(OdiseError, ValueError):
+    """An empty, duplicated or malformed vocabulary; the message says where."""
+
+
+class WeightsNotFoundError(OdiseError, RuntimeError):
+    """A pretrained model could not be loaded; the message says what to download and how to point at it."""
+
+
+class OutputError(OdiseError, OSError):
+    """An output path that cannot be written, or a run folder in use; the message says what to do."""
+
+
+class PanopticEvalError(OdiseError, ValueError):
+    """Prediction / ground-truth files that do not fit together; the message names the file."""
+
+
 def find_user_error(err: BaseException) -> OdiseError | None:
     """The :class:`OdiseError` in ``err``'s cause chain (Hydra wraps errors raised while it
     instantiates objects; DataLoader workers re-raise with the original type), or None.

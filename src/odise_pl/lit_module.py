@@ -257,10 +257,30 @@ class ODISELitModule(L.LightningModule):
     def configure_optimizers(self):
         groups = param_groups(self, self.weight_decay_norm, self.weight_decay_bias)
         opt = self.optimizer_factory(params=groups)
-        return {
-            "optimizer": opt,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"},
-        }
+        scheduler = self.scheduler_factory(opt)
+        # The configured values, before a resumed run's optimizer state overwrites them (on_train_start).
+        self._configured = [(g["initial_lr"], g["weight_decay"]) for g in opt.param_groups]
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """A resumed run trains with its own config's learning rate and weight decay: the restored
+        optimizer and scheduler state would otherwise keep the checkpoint's (a lower
+        ``model.optimizer.lr`` to get past a divergence would be silently ignored).
+        """
+        opt, sched = self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler
+        changed = set()
+        for i, (group, (lr, wd)) in enumerate(zip(opt.param_groups, self._configured)):
+            if group["initial_lr"] != lr:
+                changed.add(f"model.optimizer.lr {group['initial_lr']:g} -> {lr:g}")
+                group["initial_lr"] = sched.base_lrs[i] = lr
+                group["lr"] = lr * sched.lr_lambdas[i](sched.last_epoch)
+            if group["weight_decay"] != wd:
+                changed.add(f"weight decay {group['weight_decay']:g} -> {wd:g}")
+                group["weight_decay"] = wd
+        if changed and self.trainer.is_global_zero:
+            print(
+                f"resumed with this run's optimiser settings: {', '.join(sorted(changed))} (the checkpoint's differ)"
+            )
 
     # -- checkpoints: trainable weights only ------------------------------------------------------
     def _frozen_key_prefixes(self) -> tuple[str, ...]:

@@ -9,22 +9,46 @@ from __future__ import annotations
 import gc
 import json
 import os
+import secrets
+import sys
+import time
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from odise_pl.checkpoint import AtomicCheckpointIO
+from odise_pl.callbacks.preemption import SaveOnPreemption
+from odise_pl.checkpoint import AtomicCheckpointIO, describe_mismatch, read_checkpoint
 from odise_pl.config import check_config
-from odise_pl.errors import exit_on_user_error
+from odise_pl.errors import CheckpointError, exit_on_user_error
+from odise_pl.fs import RunLock, remove_stale_partials
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 # `${wandb_offline:}`: log offline (sync later) unless the user has a W&B API key.
 if not OmegaConf.has_resolver("wandb_offline"):
     OmegaConf.register_new_resolver("wandb_offline", lambda: not os.environ.get("WANDB_API_KEY"))
+
+
+def run_name() -> str:
+    """The run folder's name: ``slurm-JOB[_TASK]`` under SLURM (every rank and a requeued job find
+    the same folder), else the start time and a random suffix (runs started in the same second
+    get folders of their own).
+    """
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{job}" + (f"_{task}" if task else "")
+    return time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + secrets.token_hex(3)
+
+
+# `${run_name:}`: hydra.run.dir / hydra.sweep.dir (conf/hydra/default.yaml), resolved once per process
+if not OmegaConf.has_resolver("run_name"):
+    OmegaConf.register_new_resolver("run_name", run_name, use_cache=True)
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list:
@@ -47,6 +71,7 @@ def build(cfg: DictConfig):
     callbacks = instantiate_dict(cfg.get("callbacks"))
     if not loggers:  # `logger=none`: nothing to monitor the learning rate into (Lightning would refuse)
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
+    callbacks.append(SaveOnPreemption())
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
@@ -106,10 +131,53 @@ def git_commit() -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def check_resume(cfg: DictConfig) -> None:
+    """``ckpt_path`` is readable and was trained with this architecture: otherwise one error naming
+    the file or both values, before the model is built (ours is sized on the meta device).
+    """
+    path = Path(cfg.ckpt_path)
+    state = read_checkpoint(path).get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path} holds no state_dict; resume from a checkpoint written by odise_pl.train"
+        )
+    theirs = {k[len("net.") :]: tuple(v.shape) for k, v in state.items() if k.startswith("net.")}
+    meta = cfg.copy()
+    with open_dict(meta):
+        if meta.weights.mode != "tiny":  # tiny models are built in a moment; others only as shapes
+            meta.weights.mode = "meta"
+    ours = {
+        k: tuple(v.shape) for k, v in hydra.utils.instantiate(meta.model.net).trainable_state_dict().items()
+    }
+    if theirs != ours:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with another architecture: "
+            + "; ".join(describe_mismatch(theirs, ours))
+            + ". Resume with the experiment= and model overrides it was trained with"
+        )
+
+
 def train(cfg: DictConfig) -> dict:
     """Train (and validate) per ``cfg``; returns the final validation metrics."""
     print(OmegaConf.to_yaml(cfg, resolve=True))
     torch.set_float32_matmul_precision("high")
+    out = Path(cfg.paths.output_dir)
+    # One run per folder: a second run with the same output folder is refused before anything is built.
+    lock = RunLock(out) if getattr(rank_zero_only, "rank", 0) == 0 else None
+    try:
+        remove_stale_partials(out / "checkpoints")  # a killed write's temporary file
+        if cfg.get("ckpt_path"):
+            check_resume(cfg)
+            folder = Path(cfg.ckpt_path).parent
+            if RunLock.is_free(folder.parent):
+                remove_stale_partials(folder)
+        return _train(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig) -> dict:
     datamodule, module, trainer = build(cfg)
     # The resolved config and the code version, with every run.
     hparams = {"config": OmegaConf.to_container(cfg, resolve=True), "git_commit": git_commit()}
@@ -119,7 +187,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.get("validate_before_training"):
         before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         print(f"before training: {format_metrics(before)}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     if before:
         print(f"before training: {format_metrics(before)}")
@@ -135,7 +203,12 @@ def train(cfg: DictConfig) -> dict:
 @exit_on_user_error
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns val/pq (for Hydra sweepers)."""
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except SIGTERMException:
+        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        print(f"error: stopped by SIGTERM; saved {last}: resume with ckpt_path={last}", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM: the scheduler sees the job did not finish
     # Multiruns execute jobs in this process: free the finished job's model now (trainer <-> module
     # reference cycles would otherwise keep a 1.5B-parameter model alive into the next job).
     gc.collect()

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from odise_pl.errors import OdiseError
+from odise_pl.errors import WeightsNotFoundError
 
 Mode = Literal["pretrained", "random", "tiny", "meta"]
 MODES = ("pretrained", "random", "tiny", "meta")
@@ -96,10 +96,6 @@ SD_HINT = (
     "or point the config at a local folder: `weights.sd_source=/path/to/stable-diffusion-v1-5`. "
     "For a run without weights use `weights.mode=random` (full size) or `weights.mode=tiny`."
 )
-
-
-class WeightsNotFoundError(OdiseError, RuntimeError):
-    """A pretrained model could not be loaded; the message says what to download and how to point at it."""
 
 
 def _check_mode(mode: str) -> None:

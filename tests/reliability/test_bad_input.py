@@ -18,9 +18,10 @@ from hydra.errors import ConfigCompositionException
 from PIL import Image
 
 from odise_pl.config import check_config
-from odise_pl.data.coco_panoptic import COCOPanopticDataset, DatasetError, load_image
+from odise_pl.data.coco_panoptic import COCOPanopticDataset
+from odise_pl.data.io import load_image
 from odise_pl.data.nouns import SampleWords
-from odise_pl.errors import ConfigError
+from odise_pl.errors import ConfigError, DatasetError
 from odise_pl.train import build
 
 from test_train import cfg_for
@@ -165,6 +166,24 @@ CONFIG_CASES = {
 @pytest.mark.parametrize("override", list(CONFIG_CASES))
 def test_config_value_of_the_wrong_type(tmp_path, override):
     with pytest.raises(ConfigError, match=CONFIG_CASES[override]):
+        check_config(cfg_for(tmp_path, override))
+
+
+RANGE_CASES = {
+    "data.batch_size=0": r"data.batch_size=0 is outside the allowed range >= 1",
+    "data.batch_size=-3": r"data.batch_size=-3 is outside the allowed range >= 1",
+    "data.num_workers=-1": r"data.num_workers=-1 is outside the allowed range >= 0",
+    "model.optimizer.lr=-1e-4": r"model.optimizer.lr=-0.0001 is outside the allowed range > 0",
+    "data.train_transform.size=0": r"data.train_transform.size=0 is outside the allowed range >= 1",
+    "model.net.transformer_decoder.num_queries=0": r"num_queries=0 is outside the allowed range >= 1",
+    "trainer.val_check_interval=0": r"trainer.val_check_interval=0 is outside the allowed range > 0",
+    "model.ensemble_alpha=1.5": r"model.ensemble_alpha=1.5 is outside the allowed range \[0, 1\]",
+}
+
+
+@pytest.mark.parametrize("override", list(RANGE_CASES))
+def test_config_value_out_of_range(tmp_path, override):
+    with pytest.raises(ConfigError, match=RANGE_CASES[override]):
         check_config(cfg_for(tmp_path, override))
 
 

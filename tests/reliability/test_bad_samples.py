@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from odise_pl.data.coco_panoptic import DatasetError
+from odise_pl.errors import DatasetError
 from odise_pl.train import build, train
 
 from test_train import cfg_for

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from odise_pl.checkpoint import CheckpointError
+from odise_pl.errors import CheckpointError
 from odise_pl.train import train
 
 from test_train import cfg_for

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from odise_pl.data.coco_panoptic import DatasetError, load_image
+from odise_pl.data.io import load_image
+from odise_pl.errors import DatasetError
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "I;16", "RGB"])

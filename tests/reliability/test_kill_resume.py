@@ -1,5 +1,5 @@
-"""A training process killed with SIGKILL mid-run resumes from its last checkpoint and reproduces the
-uninterrupted run's later losses exactly."""
+"""A training process killed with SIGKILL mid-run, or stopped by SIGTERM (as schedulers pre-empt),
+resumes from its last checkpoint and reproduces the uninterrupted run's later losses exactly."""
 
 import csv
 import os
@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 STEPS = 8
@@ -47,11 +48,24 @@ def _loadable(path) -> bool:
         return False
 
 
-def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
-    full = tmp_path / "full"
-    subprocess.run(_cmd(tmp_path, full), check=True, capture_output=True, timeout=600)
-    reference = _losses(full)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run's losses per step."""
+    tmp = tmp_path_factory.mktemp("reference")
+    subprocess.run(_cmd(tmp, tmp / "full"), check=True, capture_output=True, timeout=600)
+    return _losses(tmp / "full")
 
+
+def _resume_matches(tmp_path, ckpt, reference, start):
+    resumed = tmp_path / "resumed"
+    subprocess.run(_cmd(tmp_path, resumed, f"ckpt_path={ckpt}"), check=True, capture_output=True, timeout=600)
+    after = _losses(resumed)
+    assert sorted(after) and min(after) >= start
+    for step, loss in after.items():
+        assert abs(loss - reference[step]) <= 1e-5 * abs(reference[step]), (step, loss, reference[step])
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, reference):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(tmp_path, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -67,11 +81,27 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
     start = torch.load(resume_from, map_location="cpu", weights_only=True)["global_step"]
     assert 4 <= start < STEPS
 
-    resumed = tmp_path / "resumed"
-    subprocess.run(
-        _cmd(tmp_path, resumed, f"ckpt_path={resume_from}"), check=True, capture_output=True, timeout=600
+    _resume_matches(tmp_path, resume_from, reference, start)
+
+
+def test_sigterm_saves_last_ckpt_exits_143_and_resumes_exactly(tmp_path, reference):
+    stopped = tmp_path / "stopped"
+    cmd = _cmd(
+        tmp_path,
+        stopped,
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.model_checkpoint.save_last=false",  # last.ckpt can only come from the SIGTERM save
     )
-    after = _losses(resumed)
-    assert sorted(after) and min(after) >= start
-    for step, loss in after.items():
-        assert abs(loss - reference[step]) <= 1e-5 * abs(reference[step]), (step, loss, reference[step])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (stopped / "checkpoints" / "step_000002.ckpt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]  # 128 + SIGTERM: the scheduler sees an unfinished job
+    last = stopped / "checkpoints" / "last.ckpt"
+    assert last.exists() and _loadable(last) and "stopped by SIGTERM" in err and f"ckpt_path={last}" in err
+    assert not list((stopped / "checkpoints").glob(".*.partial"))
+    start = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 2 <= start < STEPS
+    _resume_matches(tmp_path, last, reference, start)

@@ -20,103 +20,14 @@ One item (before transforms)::
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from odise_pl.errors import OdiseError
-
-try:
-    import pyspng as _spng
-except ImportError:  # optional speed-up; Pillow is the fallback
-    _spng = None
-
-
-class DatasetError(OdiseError, RuntimeError):
-    """Bad or missing data; the message names the file and the fix."""
-
-
-def max_image_pixels() -> int:
-    """Largest image (pixels) we decode: ``ODISE_MAX_IMAGE_PIXELS`` (0 = no limit), else Pillow's
-    ``Image.MAX_IMAGE_PIXELS`` (about 89 MPixels; COCO's largest image has 0.4).
-    """
-    env = os.environ.get("ODISE_MAX_IMAGE_PIXELS")
-    if env is not None:
-        try:
-            return int(env)
-        except ValueError as err:
-            raise DatasetError(f"ODISE_MAX_IMAGE_PIXELS={env!r} is not an integer") from err
-    return int(Image.MAX_IMAGE_PIXELS or 0)
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, EXIF orientation applied; a clear error for a missing or corrupt file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(
-            f"image not found: {path} (check the dataset root / the image folder in the config)"
-        )
-    limit = max_image_pixels()
-    try:
-        # Our limit replaces Pillow's own check (which would refuse images over 2x its limit at
-        # open time, whatever ODISE_MAX_IMAGE_PIXELS says).
-        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            opened = Image.open(path)
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
-        with opened as im:
-            if limit and im.width * im.height > limit:  # checked on the header, before decoding
-                raise DatasetError(
-                    f"image {path} is {im.width}x{im.height} = {im.width * im.height / 1e6:.0f} MPixels, over the "
-                    f"limit of {limit / 1e6:.0f} MPixels (a guard against decompression bombs and out-of-memory "
-                    "workers). Downscale the file, or raise the limit with the environment variable "
-                    "ODISE_MAX_IMAGE_PIXELS=<pixels> (0: no limit)"
-                )
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits, don't clip
-                arr = np.asarray(im, dtype=np.float64)
-                im = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DatasetError(
-            f"cannot decode image {path}: {err}. The file is corrupt or not an image; re-download it or "
-            "remove its entry from the annotation JSON"
-        ) from err
-
-
-def rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H, W) int64 ids, id = R + 256 G + 256^2 B."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def read_ids(path: str | Path) -> np.ndarray:
-    """Panoptic PNG -> (H, W) uint32 ids, id = R + 256 G + 256^2 B.
-
-    Decoded straight into an RGBA buffer read as little-endian uint32 (alpha masked off): one pass
-    after PNG decoding instead of three channel casts and shifts. libspng (pyspng) decodes ~2x faster
-    than Pillow and dominates evaluation time; Pillow reads what it cannot (e.g. palette PNGs).
-    """
-    if _spng is not None:
-        with open(path, "rb") as f:
-            data = f.read()
-        try:
-            rgba = _spng.load(data, format="RGBA")
-        except Exception:  # not a PNG libspng reads (or corrupt): Pillow decides and explains
-            rgba = None
-        if rgba is not None and rgba.dtype == np.uint8 and rgba.ndim == 3:
-            ids = np.ascontiguousarray(rgba).view("<u4")[..., 0]
-            return ids & np.uint32(0xFFFFFF)
-    with Image.open(path) as im:
-        im = im.convert("RGBA") if im.mode != "RGBA" else im
-        ids = np.frombuffer(im.tobytes(), dtype="<u4").reshape(im.height, im.width)
-    return ids & np.uint32(0xFFFFFF)
+from odise_pl.data.io import is_json, json_kind, load_image, read_ids, read_json
+from odise_pl.errors import DatasetError
 
 
 def _duplicates(values) -> list:
@@ -143,17 +54,29 @@ def check_panoptic_json(data: dict, path: Path) -> None:
         fail("the top level is not a JSON object")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            fail(f"no '{key}' list")
+            fail(
+                f"no '{key}' list"
+                if data.get(key) is None
+                else f"'{key}' is a {json_kind(data[key])}, not a list"
+            )
+    # field -> the JSON types it may have (ids are integers in COCO; a list or null is a broken writer)
     required = {
-        "categories": ("id", "name"),
-        "images": ("id", "file_name"),
-        "annotations": ("image_id", "file_name", "segments_info"),
+        "categories": {"id": int, "name": str},
+        "images": {"id": int, "file_name": str},
+        "annotations": {"image_id": int, "file_name": str, "segments_info": list},
     }
     for key, fields in required.items():
         for i, entry in enumerate(data[key]):
-            missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
+            if not isinstance(entry, dict):
+                fail(f"{key}[{i}] is a {json_kind(entry)}, not an object")
+            missing = [f for f in fields if f not in entry]
             if missing:
                 fail(f"{key}[{i}] has no {', '.join(repr(m) for m in missing)}")
+            for f, kind in fields.items():
+                if not is_json(entry[f], kind):
+                    fail(f"{key}[{i}].{f} is {json_kind(entry[f])} {entry[f]!r:.40}, not {json_kind(kind())}")
+    if not data["annotations"]:
+        fail("'annotations' is empty: the file describes no image")
     for key, field, what in (
         ("categories", "id", "category id"),
         ("images", "id", "image id"),
@@ -164,14 +87,21 @@ def check_panoptic_json(data: dict, path: Path) -> None:
             fail(f"{what} {dup[:5]} appears more than once in '{key}'")
     images = {im["id"] for im in data["images"]}
     categories = {c["id"] for c in data["categories"]}
-    for ann in data["annotations"]:
+    for i, ann in enumerate(data["annotations"]):
         name = ann["file_name"]
         if ann["image_id"] not in images:
             fail(f"annotation {name} names image_id {ann['image_id']}, which is not in its 'images' list")
         for j, seg in enumerate(ann["segments_info"]):
-            missing = [f for f in ("id", "category_id") if not isinstance(seg, dict) or f not in seg]
+            if not isinstance(seg, dict):
+                fail(f"annotations[{i}].segments_info[{j}] of {name} is a {json_kind(seg)}, not an object")
+            missing = [f for f in ("id", "category_id") if f not in seg]
             if missing:
                 fail(f"segments_info[{j}] of {name} has no {', '.join(repr(m) for m in missing)}")
+            for f in ("id", "category_id"):
+                if not is_json(seg[f], int):
+                    fail(
+                        f"annotations[{i}].segments_info[{j}].{f} of {name} is {json_kind(seg[f])} {seg[f]!r:.40}, not an integer"
+                    )
             if seg["category_id"] not in categories:
                 fail(
                     f"segment {seg['id']} of {name} has category_id {seg['category_id']}, not in 'categories'"
@@ -179,16 +109,6 @@ def check_panoptic_json(data: dict, path: Path) -> None:
         dup = _duplicates(seg["id"] for seg in ann["segments_info"])
         if dup:
             fail(f"segment ids {dup[:5]} appear more than once in the segments_info of {name}")
-
-
-def _read_json(path: Path, what: str, fix: str) -> dict:
-    if not path.is_file():
-        raise DatasetError(f"{what} not found: {path}. {fix}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{what} {path} is not valid JSON ({err}); re-download or regenerate it") from err
 
 
 class COCOPanopticDataset(Dataset):
@@ -231,7 +151,7 @@ class COCOPanopticDataset(Dataset):
         self.image_dir = self.root / (image_dir or f"{split}2017")
         self.panoptic_dir = self.root / (panoptic_dir or f"annotations/panoptic_{split}2017")
         pan_json = self.root / (panoptic_json or f"annotations/panoptic_{split}2017.json")
-        data = _read_json(
+        data = read_json(
             pan_json,
             "panoptic annotation file",
             "Download panoptic_annotations_trainval2017 from cocodataset.org and unzip it under <root>/annotations "
@@ -255,7 +175,7 @@ class COCOPanopticDataset(Dataset):
         self.caption_file: dict[str, list[str]] | None = None
         if caption_source not in ("dataset", "heuristic"):
             path = Path(caption_source)
-            data = _read_json(
+            data = read_json(
                 path, "caption file", "give a JSON object {image file name: caption or [captions]}"
             )
             if not isinstance(data, dict):
@@ -266,14 +186,19 @@ class COCOPanopticDataset(Dataset):
             captions = False
         self.read_captions = captions
         if captions:
-            cap = _read_json(
+            cap = read_json(
                 self.captions_json,
                 "captions file",
                 "Download annotations_trainval2017 (captions_*.json) from cocodataset.org into <root>/annotations, "
                 "point `data.captions_json` at it, or turn captions off with `data.captions=false` "
                 "(label supervision with the implicit or empty captioner needs none)",
             )
-            for i, a in enumerate(cap.get("annotations", [])):
+            if not isinstance(cap, dict) or not isinstance(cap.get("annotations"), list):
+                raise DatasetError(
+                    f"{self.captions_json}: expected an object with an 'annotations' list (COCO captions format), "
+                    f"got {json_kind(cap)}{'' if not isinstance(cap, dict) else ' without it'}; re-download annotations_trainval2017"
+                )
+            for i, a in enumerate(cap["annotations"]):
                 if not isinstance(a, dict) or "image_id" not in a or not isinstance(a.get("caption"), str):
                     raise DatasetError(
                         f"{self.captions_json}: annotations[{i}] needs 'image_id' and a string 'caption' "
@@ -308,12 +233,7 @@ class COCOPanopticDataset(Dataset):
         png = self.panoptic_dir / ann["file_name"]
         if not png.is_file():
             raise DatasetError(f"panoptic PNG not found: {png} (listed in {self.panoptic_json})")
-        try:
-            ids = read_ids(png)
-        except (UnidentifiedImageError, OSError) as err:
-            raise DatasetError(
-                f"cannot decode panoptic PNG {png}: {err}; re-download or regenerate it"
-            ) from err
+        ids = read_ids(png)
         segments = ann["segments_info"]
         known = {s["id"] for s in segments}
         present = set(np.unique(ids).tolist()) - {0}

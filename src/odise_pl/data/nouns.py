@@ -151,7 +151,7 @@ class SampleWords:
     def __call__(self, item: dict) -> dict:
         caps = [c for c in item.get("captions") or [] if c.strip()]
         if not caps:
-            from odise_pl.data.coco_panoptic import DatasetError
+            from odise_pl.errors import DatasetError
 
             raise DatasetError(
                 f"image {item.get('file_name')} has no (non-empty) caption; caption supervision needs at least "

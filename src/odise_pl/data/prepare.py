@@ -24,9 +24,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from odise_pl.data.coco_panoptic import DatasetError, load_image
-from odise_pl.data.synthetic import ids_to_rgb
+from odise_pl.data.io import ids_to_rgb, load_image
 from odise_pl.data.vocab import dataset_vocab, parse_openseg
+from odise_pl.errors import DatasetError
 
 ADE_SPLITS = {"validation": "val", "training": "train"}
 

@@ -92,7 +92,7 @@ class SeededDataset(Dataset):
 
     def _load(self, index: int) -> tuple[dict, int]:
         """The item, or with ``skip`` the next loadable one (deterministically), and how many were bad."""
-        from odise_pl.data.coco_panoptic import DatasetError
+        from odise_pl.errors import DatasetError
 
         for k in range(self.max_tries):
             try:

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from odise_pl.data.coco_panoptic import DatasetError, load_image
+from odise_pl.data.io import load_image
+from odise_pl.errors import DatasetError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 

@@ -19,10 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from odise_pl.data.io import ids_to_rgb
+from odise_pl.errors import DatasetError
 
 THINGS = [(1, "circle"), (2, "square"), (3, "triangle")]
 # Non-contiguous stuff ids, as in COCO, so the reader's contiguous mapping is exercised.
@@ -147,11 +153,6 @@ def make_scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[d
     return np.clip(pixels, 0, 255).astype(np.uint8), seg, info, captions
 
 
-def ids_to_rgb(seg: np.ndarray) -> np.ndarray:
-    """(H, W) ids -> (H, W, 3) uint8 with id = R + 256 G + 256^2 B (COCO panoptic PNG encoding)."""
-    return np.stack([seg % 256, seg // 256 % 256, seg // 256**2 % 256], -1).astype(np.uint8)
-
-
 def write_split(
     out: Path, split: str, num_images: int, seed: int, start_id: int = 1
 ) -> dict[int, np.ndarray]:
@@ -201,6 +202,34 @@ def write_dataset(out: str | Path, num_train: int = 64, num_val: int = 16, seed:
         "train": write_split(out, "train", num_train, seed),
         "val": write_split(out, "val", num_val, seed + 1, start_id=100000),
     }
+
+
+def ensure_dataset(root: str | Path, num_train: int = 64, num_val: int = 16, seed: int = 0) -> Path:
+    """Write the dataset to ``root`` unless it is there, safely against concurrent first runs.
+
+    It is written to a private temporary folder beside ``root`` and renamed into place in one step,
+    so ``root`` is either absent or complete: two runs starting together may both write it, the
+    first rename wins and the other run uses that copy.
+    """
+    root = Path(root)
+    if (root / "annotations").is_dir():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
+    try:
+        write_dataset(tmp, num_train, num_val, seed)
+        try:
+            os.rename(tmp, root)  # replaces an empty folder, fails on a non-empty one
+        except OSError:
+            if not (root / "annotations").is_dir():
+                raise DatasetError(
+                    f"cannot write the synthetic dataset to {root}: the folder exists and is not one; "
+                    "empty it or point data.synthetic.root (paths.synthetic) elsewhere"
+                ) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
 
 
 def main(argv: list[str] | None = None) -> None:

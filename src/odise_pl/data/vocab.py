@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from odise_pl.errors import OdiseError
+from odise_pl.errors import VocabularyError
 
 # name -> (file, number of leading thing categories: COCO's 80 things come first by id; ADE-150's
 # things are listed in ADE_150_THINGS).
@@ -25,10 +25,6 @@ DATASET_VOCABS = {
     "voc21": "pascal_voc_21_with_prompt_eng.txt",
     "lvis": "lvis_1203_with_prompt_eng.txt",
 }
-
-
-class VocabularyError(OdiseError, ValueError):
-    """An empty, duplicated or malformed vocabulary; the message says where."""
 
 
 @dataclass

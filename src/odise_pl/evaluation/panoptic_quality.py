@@ -29,15 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from odise_pl.data.coco_panoptic import read_ids
-from odise_pl.errors import OdiseError
+from odise_pl.data.io import read_ids
+from odise_pl.errors import PanopticEvalError
 
 # Per-category statistics columns.
 IOU, TP, FP, FN = range(4)
-
-
-class PanopticEvalError(OdiseError, ValueError):
-    """Inconsistent predictions / ground truth; the message names the image and the segment."""
 
 
 _LUT: np.ndarray | None = None

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from odise_pl.data.coco_panoptic import read_ids
-from odise_pl.data.synthetic import ids_to_rgb
+from odise_pl.data.io import ids_to_rgb, read_ids
 
 
 def perturb_image(gt: np.ndarray, segments: list[dict], cat_ids: list[int], rng: np.random.Generator):

@@ -33,13 +33,19 @@ def batch_dice_cost(inputs: Tensor, targets: Tensor) -> Tensor:
 
 @torch.no_grad()
 def pad_target_masks(targets: list[dict], like: Tensor) -> Tensor:
-    """Targets' masks as one float (B, N_max, H, W) tensor (zeros beyond an image's N_b)."""
+    """Targets' masks as one float (B, N_max, H, W) tensor (zeros beyond an image's N_b).
+
+    H, W: the largest of any target's masks, empty ones included (an image without targets
+    still carries its (0, H, W) masks); ``like`` only gives the device.
+    """
     n_max = max(1, max(len(t["masks"]) for t in targets))
-    h, w = targets[0]["masks"].shape[-2:] if len(targets[0]["masks"]) else like.shape[-2:]
+    h = max(int(t["masks"].shape[-2]) for t in targets)
+    w = max(int(t["masks"].shape[-1]) for t in targets)
     out = like.new_zeros(len(targets), n_max, h, w, dtype=torch.float32)
     for i, t in enumerate(targets):
-        if len(t["masks"]):
-            out[i, : len(t["masks"])] = t["masks"]
+        m = t["masks"]
+        if len(m):
+            out[i, : len(m), : m.shape[-2], : m.shape[-1]] = m
     return out
 
 
