@@ -64,3 +64,56 @@ def test_demo_not_an_image(tmp_path, capsys):
     bad.write_text("hello")
     assert main(["--image", str(bad), "--vocab", "cat", "--output", str(tmp_path / "o")]) == 2
     assert "cannot decode image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["existing file", "/dev/null", "readonly folder"])
+def test_demo_unusable_output_fails_before_the_model_is_built(image, tmp_path, capsys, monkeypatch, kind):
+    import os
+
+    import odise_pl.demo as demo
+
+    if kind == "readonly folder" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    monkeypatch.setattr(demo, "load_model", lambda *a, **k: pytest.fail("the model was built first"))
+    out = {"existing file": image, "/dev/null": "/dev/null", "readonly folder": tmp_path / "ro" / "out"}[kind]
+    if kind == "readonly folder":
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o500)
+    assert main(["--image", str(image), "--vocab", "cat", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(out) in err
+
+
+def test_demo_full_disk_fails_before_the_model_is_built(image, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    import odise_pl.demo as demo
+
+    monkeypatch.setattr(demo, "load_model", lambda *a, **k: pytest.fail("the model was built first"))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert main(["--image", str(image), "--vocab", "cat", "--output", str(tmp_path / "o")]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "abc"])
+def test_demo_short_edge_must_be_positive(image, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            ["--image", str(image), "--vocab", "cat", "--output", str(tmp_path / "o"), "--short-edge", value]
+        )
+    assert exit_.value.code == 2 and "--short-edge" in capsys.readouterr().err
+
+
+def test_vocabulary_file_with_a_bom(tmp_path):
+    from odise_pl.data.vocab import load_vocab_file
+
+    f = tmp_path / "v.txt"
+    f.write_bytes("\ufeffcat,kitty\ndog\n".encode())
+    assert load_vocab_file(f).names == [["cat", "kitty"], ["dog"]]
+    f.write_bytes("\ufeff1:cat,kitty\n2:dog\n".encode())
+    assert load_vocab_file(f).names == [["cat", "kitty"], ["dog"]]

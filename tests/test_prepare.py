@@ -1,3 +1,4 @@
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -246,3 +247,93 @@ def test_ade20k_full_wrong_release(tmp_path):
 
     with pytest.raises(DatasetError, match="2021_17_01"):
         ade_full_id_map(["wall", "sky"])
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_ade20k_full_index_of_any_protocol_is_read(tmp_path, protocol):
+    from odise_pl.data.prepare import load_ade_full_index
+
+    index = {
+        "folder": ["a"],
+        "filename": ["ADE_val_00000001.jpg"],
+        "objectnames": np.array(["wall", "sky"]),
+        "objectPresence": np.arange(6, dtype=np.int32).reshape(2, 3),
+        "flag": np.bool_(True),
+        "scale": np.float64(2.5),
+    }
+    (tmp_path / "index_ade20k.pkl").write_bytes(pickle.dumps(index, protocol=protocol))
+    got = load_ade_full_index(tmp_path / "index_ade20k.pkl")
+    assert type(got["objectPresence"]) is np.ndarray and got["objectPresence"].tolist() == [
+        [0, 1, 2],
+        [3, 4, 5],
+    ]
+    assert got["objectnames"].tolist() == ["wall", "sky"] and got["flag"] and got["scale"] == 2.5
+
+
+def _forged_object_array() -> bytes:
+    """An object-dtype array whose data are raw bytes (forged pointers): numpy would dereference them."""
+    arr = np.array([None, None], dtype=object)
+    cls, args, state = arr.__reduce__()
+    state = (*state[:4], b"\x41" * 16)  # raw bytes instead of the list of objects
+    return pickle.dumps(
+        {"folder": ["a"], "filename": ["b"], "objectnames": _Raw(cls, args, state)}, protocol=4
+    )
+
+
+class _Raw:
+    """Pickles as the given reduce tuple (to write a forged array)."""
+
+    def __init__(self, *reduce):
+        self.reduce = reduce
+
+    def __reduce__(self):
+        return self.reduce
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(_forged_object_array, id="object-dtype-forged-pointers"),
+        pytest.param(lambda: pickle.dumps({"x": np.array([None], dtype=object)}), id="object-dtype"),
+        pytest.param(lambda: pickle.dumps({"x": np.zeros(2, dtype="V8")}), id="void-dtype"),
+        pytest.param(
+            lambda: pickle.dumps({"x": np.zeros(2, dtype=[("a", "i4"), ("b", "O")])}), id="structured"
+        ),
+    ],
+)
+def test_ade20k_full_index_with_unsafe_arrays_is_refused_without_crashing(tmp_path, payload):
+    import subprocess
+    import sys
+
+    path = tmp_path / "index_ade20k.pkl"
+    path.write_bytes(payload())
+    # in a child process: before the fix, a forged object array crashed the interpreter (rc 139)
+    code = (
+        "import sys; from odise_pl.data.prepare import load_ade_full_index\n"
+        "from odise_pl.errors import DatasetError\n"
+        "try:\n    load_ade_full_index(sys.argv[1])\nexcept DatasetError as e:\n    print('refused:', e); sys.exit(3)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3, (res.returncode, res.stderr[-1000:])
+    assert "not allowed in a dataset index" in res.stdout
+
+
+def test_names_that_leave_the_dataset_folder_are_refused(tmp_path):
+    from odise_pl.data.prepare import prepare_ade20k_full, prepare_pascal_voc
+
+    root = tmp_path / "ADE20K_2021_17_01"
+    fake_ade_full(root)
+    index = pickle.loads((root / "index_ade20k.pkl").read_bytes())
+    index["filename"][0] = "../../../ADE_val_00000001.jpg"  # would write three levels above its output
+    (root / "index_ade20k.pkl").write_bytes(pickle.dumps(index))
+    src = root / "images/ADE/validation/urban/street"  # where that name reads from (inside the dataset)
+    for f in ("ADE_val_00000001.jpg", "ADE_val_00000001_seg.png"):
+        (root / "images/ADE" / f).write_bytes((src / f).read_bytes())
+    with pytest.raises(DatasetError, match="leads outside"):
+        prepare_ade20k_full(root)
+    assert not (tmp_path / "ADE_val_00000001.jpg").exists() and not list(tmp_path.parent.glob("ADE_val_*"))
+    voc = tmp_path / "VOC2012"
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("../../../escape\n")
+    with pytest.raises(DatasetError, match="leads outside"):
+        prepare_pascal_voc(voc, tmp_path / "out")

@@ -243,3 +243,42 @@ def test_a_training_vocabulary_that_does_not_fit_the_dataset_is_refused(tmp_path
         VocabularyError, match="train_vocabulary=coco does not describe .*train_vocabulary=dataset"
     ):
         train(cfg_for(tmp_path, "model.train_vocabulary=coco"))
+
+
+class _RecordLR(L.Callback):
+    def __init__(self):
+        self.lrs = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.lrs[trainer.global_step] = [g["lr"] for g in trainer.optimizers[0].param_groups]
+
+
+def test_resume_applies_a_new_learning_rate_and_says_so(tmp_path, capsys):
+    """The fix our own non-finite-loss message recommends: resume with a lower model.optimizer.lr."""
+
+    def run(out, *overrides, ckpt=None):
+        cfg = cfg_for(
+            tmp_path,
+            f"paths.output_dir={out}",
+            "callbacks.model_checkpoint.every_n_train_steps=2",
+            *overrides,
+        )
+        datamodule, module, trainer = build(cfg)
+        rec = _RecordLR()
+        trainer.callbacks.append(rec)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        return rec.lrs, module
+
+    first, _ = run(tmp_path / "a", "trainer.max_steps=2", "model.optimizer.lr=1e-3")
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    resumed, module = run(tmp_path / "b", "trainer.max_steps=4", "model.optimizer.lr=1e-5", ckpt=ckpt)
+    schedule = module.trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+    assert sorted(resumed) == [2, 3]
+    for step, lrs in resumed.items():
+        assert lrs == pytest.approx([1e-5 * schedule(step)] * len(lrs))  # every group, the new rate
+    assert "model.optimizer.lr 0.001 -> 1e-05" in capsys.readouterr().out
+    # unchanged settings: nothing to say, the checkpoint's state is kept
+    capsys.readouterr()
+    run(tmp_path / "c", "trainer.max_steps=3", "model.optimizer.lr=1e-3", ckpt=ckpt)
+    assert "resumed with this run's optimiser settings" not in capsys.readouterr().out

@@ -25,6 +25,7 @@ from odise_pl.data.io import ids_to_rgb, load_image
 from odise_pl.data.transforms import ResizeShortestEdge, pad_to_divisible
 from odise_pl.data.vocab import Vocabulary, dataset_vocab, load_vocab_file, parse_vocab_string
 from odise_pl.errors import VocabularyError, report_user_error
+from odise_pl.fs import check_writable_dir
 
 
 def build_vocabulary(vocab: str | None, vocab_file: str | None, dataset_vocabs: str | None) -> Vocabulary:
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Segment ``args.image``; returns the segment list."""
     vocab = build_vocabulary(args.vocab, args.vocab_file, args.dataset_vocab)
     image = load_image(args.image)
+    out_dir = check_writable_dir(args.output)  # before minutes of inference, not after
     module, cfg = load_model(args.experiment, args.checkpoint, args.override)
     net = module.net.eval()
     short = args.short_edge or cfg.data.val_transform.short_edge
@@ -109,8 +111,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     )[0]
     ids, segments = pred["panoptic"]
     ids = ids.cpu().numpy()
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(args.image).stem
     overlay(image, ids, segments, vocab.display_names).save(out_dir / f"{stem}_overlay.png")
     Image.fromarray(ids_to_rgb(ids.astype(np.int64))).save(out_dir / f"{stem}_panoptic.png")
@@ -148,6 +148,17 @@ def run(args: argparse.Namespace) -> list[dict]:
     return info
 
 
+def positive_int(text: str) -> int:
+    """Argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1 (pixels)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI; exit 2 on bad input with a one-line reason."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--mode", choices=["ensemble", "diffusion", "clip"], help="classification (default: the config's)"
     )
-    p.add_argument("--short-edge", type=int, help="resize the shorter side to this before inference")
+    p.add_argument("--short-edge", type=positive_int, help="resize the shorter side to this before inference")
     p.add_argument(
         "--override", action="append", default=[], help="extra Hydra override, e.g. weights.mode=random"
     )

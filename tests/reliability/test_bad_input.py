@@ -9,6 +9,7 @@ during training (test_bad_samples.py), panoptic PNG vs JSON mismatches (../test_
 
 import json
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -81,6 +82,27 @@ JSON_CASES = {
         lambda d: d["annotations"][0].update(image_id=424242),
         r"names image_id 424242, which is not in its 'images' list",
     ),
+    "no annotations at all": (lambda d: d.update(annotations=[]), r"'annotations' is empty"),
+    "segments_info null": (
+        lambda d: d["annotations"][0].update(segments_info=None),
+        r"annotations\[0\].segments_info is null None, not a list",
+    ),
+    "a list as id": (
+        lambda d: d["images"][0].update(id=[1]),
+        r"images\[0\].id is a list \[1\], not an integer",
+    ),
+    "numeric file_name": (
+        lambda d: d["annotations"][2].update(file_name=7),
+        r"annotations\[2\].file_name is an integer 7, not a string",
+    ),
+    "segment id a string": (
+        lambda d: d["annotations"][0]["segments_info"][1].update(id="3"),
+        r"annotations\[0\].segments_info\[1\].id of .* is a string '3', not an integer",
+    ),
+    "categories an object": (
+        lambda d: d.update(categories={"1": "x"}),
+        r"'categories' is an object, not a list",
+    ),
 }
 
 
@@ -97,6 +119,49 @@ def test_invalid_json_text(root):
     pan_json(root).write_text('{"images": [')
     with pytest.raises(DatasetError, match="panoptic_train2017.json is not valid JSON"):
         COCOPanopticDataset(root=str(root), split="train")
+
+
+def test_json_that_is_not_utf8(root):
+    pan_json(root).write_bytes(pan_json(root).read_bytes().replace(b'"name": "', b'"name": "\xff\xfe', 1))
+    with pytest.raises(
+        DatasetError, match=r"panoptic_train2017.json is not UTF-8 text \(byte \d+.*re-save it as UTF-8"
+    ):
+        COCOPanopticDataset(root=str(root), split="train")
+
+
+def test_json_with_a_utf8_bom_is_read(root):
+    pan_json(root).write_bytes(b"\xef\xbb\xbf" + pan_json(root).read_bytes())
+    assert len(COCOPanopticDataset(root=str(root), split="train", captions=False)) > 0
+
+
+def test_captions_file_that_is_a_list(root):
+    (root / "annotations" / "captions_train2017.json").write_text("[]")
+    with pytest.raises(
+        DatasetError,
+        match=r"captions_train2017.json: expected an object with an 'annotations' list.*got a list",
+    ):
+        COCOPanopticDataset(root=str(root), split="train")
+
+
+def test_empty_validation_set_stops_evaluation_with_the_file(root, tmp_path):
+    edit_json(root / "annotations" / "panoptic_val2017.json", lambda d: d.update(annotations=[]))
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "odise_pl.eval",
+            f"paths.root_dir={tmp_path}",
+            f"datasets.synthetic.dataset.root={root}",
+            "weights.mode=tiny",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2 and "panoptic_val2017.json: 'annotations' is empty" in res.stderr, res.stderr[
+        -2000:
+    ]
+    assert "Traceback" not in res.stderr
 
 
 def test_segment_listed_but_absent_from_png_is_dropped(root, synthetic_root):
@@ -148,6 +213,42 @@ def test_huge_image_is_refused_before_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     assert load_image(path).shape == (300, 400, 3)
     assert Image.MAX_IMAGE_PIXELS == 1000  # restored
+
+
+def test_huge_panoptic_png_is_refused_before_decoding(root, monkeypatch):
+    # a panoptic PNG of 30000 x 30000 compresses to a few MB and would take 3.6 GB to decode: the
+    # header alone decides, in training, evaluation and the PQ command (all read through read_ids)
+    import zlib
+
+    from odise_pl.data.io import read_ids
+
+    png = root / "annotations" / "panoptic_train2017" / "000000000001.png"
+    side = 30000
+    row = b"\x00" + b"\x00" * (3 * side)
+    raw = zlib.compress(row * 64)  # a valid stream for 64 rows is enough: the header says 30000
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+    with pytest.raises(
+        DatasetError,
+        match=r"panoptic PNG .*000000000001.png is 30000x30000 = 900 MPixels.*ODISE_MAX_IMAGE_PIXELS",
+    ):
+        read_ids(png)
+    ds = COCOPanopticDataset(root=str(root), split="train", captions=False)
+    with pytest.raises(DatasetError, match="30000x30000"):
+        ds[0]
+
+
+def test_corrupt_panoptic_png(root):
+    from odise_pl.data.io import read_ids
+
+    png = root / "annotations" / "panoptic_train2017" / "000000000001.png"
+    png.write_bytes(png.read_bytes()[:60])
+    with pytest.raises(DatasetError, match=r"cannot decode panoptic PNG .*000000000001.png"):
+        read_ids(png)
 
 
 # --- configs ---------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def check_panoptic_json(data: dict, path: Path) -> None:
             fail(
                 f"no '{key}' list"
                 if data.get(key) is None
-                else f"'{key}' is a {json_kind(data[key])}, not a list"
+                else f"'{key}' is {json_kind(data[key])}, not a list"
             )
     # field -> the JSON types it may have (ids are integers in COCO; a list or null is a broken writer)
     required = {
@@ -68,7 +68,7 @@ def check_panoptic_json(data: dict, path: Path) -> None:
     for key, fields in required.items():
         for i, entry in enumerate(data[key]):
             if not isinstance(entry, dict):
-                fail(f"{key}[{i}] is a {json_kind(entry)}, not an object")
+                fail(f"{key}[{i}] is {json_kind(entry)}, not an object")
             missing = [f for f in fields if f not in entry]
             if missing:
                 fail(f"{key}[{i}] has no {', '.join(repr(m) for m in missing)}")
@@ -93,7 +93,7 @@ def check_panoptic_json(data: dict, path: Path) -> None:
             fail(f"annotation {name} names image_id {ann['image_id']}, which is not in its 'images' list")
         for j, seg in enumerate(ann["segments_info"]):
             if not isinstance(seg, dict):
-                fail(f"annotations[{i}].segments_info[{j}] of {name} is a {json_kind(seg)}, not an object")
+                fail(f"annotations[{i}].segments_info[{j}] of {name} is {json_kind(seg)}, not an object")
             missing = [f for f in ("id", "category_id") if f not in seg]
             if missing:
                 fail(f"segments_info[{j}] of {name} has no {', '.join(repr(m) for m in missing)}")

@@ -151,8 +151,21 @@ def prepare_ade20k(root: str | Path, splits: tuple[str, ...] = ("validation",)) 
     return written
 
 
+def within(folder: Path, *parts: str) -> Path:
+    """``folder / parts...``, refused unless it stays inside ``folder``: names come from index and
+    split files, and a name like ``../../x`` must not read or write outside the dataset.
+    """
+    path = folder.joinpath(*parts)
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise DatasetError(
+            f"{'/'.join(parts)!r} (from a dataset index or split list) leads outside {folder}; "
+            "the file is not a genuine release: re-download it"
+        )
+    return path
+
+
 def _copy_image(src: Path, dst_dir: Path) -> None:
-    dst = dst_dir / src.name
+    dst = within(dst_dir, src.name)
     if not dst.exists():
         shutil.copyfile(src, dst)
 
@@ -167,12 +180,12 @@ def prepare_pascal_voc(voc2012: str | Path, out: str | Path, split: str = "val")
     img_out.mkdir(parents=True, exist_ok=True)
     lab_out.mkdir(parents=True, exist_ok=True)
     for n in tqdm(names, desc="Pascal VOC"):
-        _copy_image(_need(voc2012 / "JPEGImages" / f"{n}.jpg", "VOC image"), img_out)
-        with Image.open(_need(voc2012 / "SegmentationClass" / f"{n}.png", "VOC label")) as im:
+        _copy_image(_need(within(voc2012 / "JPEGImages", f"{n}.jpg"), "VOC image"), img_out)
+        with Image.open(_need(within(voc2012 / "SegmentationClass", f"{n}.png"), "VOC label")) as im:
             lab = np.asarray(im)  # palette indices are the class ids
         if lab.ndim != 2:
             raise DatasetError(f"{voc2012 / 'SegmentationClass' / n}.png is not a palette (class-index) PNG")
-        Image.fromarray(lab.astype(np.uint8)).save(lab_out / f"{n}.png")
+        Image.fromarray(lab.astype(np.uint8)).save(within(lab_out, f"{n}.png"))
     return out
 
 
@@ -212,15 +225,17 @@ def prepare_pascal_context(
         d.mkdir(parents=True, exist_ok=True)
     lut59 = pc59_from_459()
     for n in tqdm(names, desc="Pascal Context"):
-        _copy_image(_need(voc2010 / "JPEGImages" / f"{n}.jpg", "VOC2010 image"), img_out)
-        mat = loadmat(str(_need(labels_dir / f"{n}.mat", "Pascal Context label")))
+        _copy_image(_need(within(voc2010 / "JPEGImages", f"{n}.jpg"), "VOC2010 image"), img_out)
+        mat = loadmat(str(_need(within(labels_dir, f"{n}.mat"), "Pascal Context label")))
         if "LabelMap" not in mat:
             raise DatasetError(
                 f"{labels_dir / n}.mat has no 'LabelMap' (is it the full 459-class trainval set?)"
             )
         lab = mat["LabelMap"].astype(np.int64)
-        Image.fromarray(np.where(lab == 0, 65535, lab - 1).astype(np.uint16)).save(full_out / f"{n}.tif")
-        Image.fromarray(lut59[np.clip(lab, 0, len(lut59) - 1)]).save(small_out / f"{n}.png")
+        Image.fromarray(np.where(lab == 0, 65535, lab - 1).astype(np.uint16)).save(
+            within(full_out, f"{n}.tif")
+        )
+        Image.fromarray(lut59[np.clip(lab, 0, len(lut59) - 1)]).save(within(small_out, f"{n}.png"))
     return out
 
 
@@ -239,28 +254,95 @@ ADE_FULL_ANCHORS = {
 }
 
 
+def _plain_dtype(dtype) -> np.dtype:
+    """``dtype`` if it holds plain values (numbers, strings, booleans), else an UnpicklingError: an
+    object or void dtype lets a pickle forge pointers that crash the process when the array is read.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.hasobject or dtype.kind in "OV" or dtype.fields is not None or dtype.subdtype is not None:
+        raise pickle.UnpicklingError(f"arrays of dtype {dtype} are not allowed in a dataset index")
+    return dtype
+
+
+class _PlainArray(np.ndarray):
+    """What numpy's pickled arrays are rebuilt into: their state (dtype, data) is checked before
+    numpy reads it. Converted back to plain arrays after loading.
+    """
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) < 5:
+            raise pickle.UnpicklingError("malformed array in the dataset index")
+        _plain_dtype(state[2])
+        if not isinstance(state[4], (bytes, bytearray)):
+            raise pickle.UnpicklingError("array data in the dataset index must be raw bytes")
+        super().__setstate__(state)
+
+
+def _reconstruct(cls, shape, dtype):
+    if cls is not np.ndarray:
+        raise pickle.UnpicklingError(f"{cls} arrays are not allowed in a dataset index")
+    return np.ndarray.__new__(_PlainArray, shape, _plain_dtype(dtype))
+
+
+def _scalar(dtype, data=b""):
+    dtype = _plain_dtype(dtype)
+    if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError("malformed scalar in the dataset index")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+def _frombuffer(buffer, dtype, shape, order):
+    """Numpy's protocol-5 array reconstruction, for plain dtypes only."""
+    dtype = _plain_dtype(dtype)
+    if not isinstance(buffer, (bytes, bytearray, memoryview, pickle.PickleBuffer)) or order not in ("C", "F"):
+        raise pickle.UnpicklingError("malformed array in the dataset index")
+    return np.frombuffer(bytes(buffer), dtype=dtype).reshape(shape, order=order).copy()
+
+
+def _latin1_bytes(text, encoding="latin1"):
+    """Protocol 2's spelling of a bytes object: ``_codecs.encode(str, 'latin1')``, nothing else."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError("only latin-1 byte strings are allowed in a dataset index")
+    return text.encode("latin1")
+
+
+def _plain(obj):
+    """The loaded index with every checked array turned back into a plain ndarray."""
+    if isinstance(obj, _PlainArray):
+        return obj.view(np.ndarray)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
 class _IndexUnpickler(pickle.Unpickler):
-    """Reads index_ade20k.pkl without running code: only builtin containers and numpy arrays may be
-    rebuilt (a pickle can otherwise call any importable function).
+    """Reads index_ade20k.pkl without running code: only builtin containers and numpy arrays /
+    scalars of plain dtypes may be rebuilt (a pickle can otherwise call any importable function,
+    and an object dtype would let it forge pointers).
     """
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("builtins", "set"),
-        ("builtins", "frozenset"),
-        ("builtins", "slice"),
-        ("collections", "OrderedDict"),
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy.core.multiarray", "scalar"): _scalar,
+        ("numpy._core.multiarray", "scalar"): _scalar,
+        ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+        ("_codecs", "encode"): _latin1_bytes,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("builtins", "slice"): slice,
+        ("collections", "OrderedDict"): dict,
     }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a dataset index")
-        return super().find_class(module, name)
+        return self.ALLOWED[(module, name)]
 
 
 def load_ade_full_index(path: str | Path) -> dict:
@@ -268,8 +350,8 @@ def load_ade_full_index(path: str | Path) -> dict:
     path = _need(Path(path), "ADE20K-full index (index_ade20k.pkl from ADE20K_2021_17_01.zip)")
     try:
         with open(path, "rb") as f:
-            index = _IndexUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError) as err:
+            index = _plain(_IndexUnpickler(f).load())
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, TypeError) as err:
         raise DatasetError(f"cannot read {path}: {err}; re-download ADE20K_2021_17_01") from err
     missing = [k for k in ("folder", "filename", "objectnames") if k not in index]
     if not isinstance(index, dict) or missing:
@@ -360,7 +442,7 @@ def prepare_ade20k_full(
             # `folder` starts at the release folder (ADE20K_2021_17_01/images/ADE/...).
             parts = Path(folder).parts
             rel = Path(*parts[1:]) if parts and parts[0] == root.name else Path(folder)
-            image_path = _need(root / rel / name, "ADE20K-full image")
+            image_path = _need(within(root, *rel.parts, name), "ADE20K-full image")
             seg_path = _need(image_path.with_name(image_path.stem + "_seg.png"), "ADE20K-full segmentation")
             image = load_image(image_path)
             with Image.open(seg_path) as im:
@@ -373,7 +455,7 @@ def prepare_ade20k_full(
             if size is not None:
                 image_im = image_im.resize(size, Image.BILINEAR)
                 label_im = label_im.resize(size, Image.NEAREST)
-            image_im.save(img_out / name, quality=95)
-            label_im.save(lab_out / (Path(name).stem + ".tif"))
+            image_im.save(within(img_out, name), quality=95)
+            label_im.save(within(lab_out, Path(name).stem + ".tif"))
         written.append(lab_out)
     return written

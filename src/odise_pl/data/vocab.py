@@ -116,7 +116,7 @@ def load_vocab_file(path: str | Path) -> Vocabulary:
     if not path.is_file():
         raise VocabularyError(f"vocabulary file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of a name
     except UnicodeDecodeError as err:
         raise VocabularyError(f"vocabulary file {path} is not UTF-8 text: {err}") from err
     lines = [ln for ln in text.splitlines() if ln.strip()]
