@@ -43,7 +43,7 @@ def compose(root: Path, experiment: str, *extra: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from odise_pl.train import CONFIG_DIR
+    from odise_pl.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose(

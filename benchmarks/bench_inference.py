@@ -39,7 +39,7 @@ def build(experiment: str):
     import hydra
     from hydra import compose, initialize_config_dir
 
-    from odise_pl.train import CONFIG_DIR
+    from odise_pl.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", "weights.mode=random"])
@@ -88,8 +88,7 @@ def run_one(size: int, path: str, precision: str, repeats: int, out: Path) -> No
     if optimised:
         for m in (net.backbone.unet, net.backbone.vae):
             m.to(memory_format=torch.channels_last)
-    module.inference_precision = precision if optimised else "fp32"
-    predictor = module.make_predictor(mode="ensemble")
+    predictor = module.make_predictor(mode="ensemble", precision=precision if optimised else "fp32")
     vocab = dataset_vocab("coco")
     names, isthing = vocab.names, vocab.isthing
     g = torch.Generator().manual_seed(0)

@@ -33,7 +33,7 @@ def build_net(experiment: str, overrides: list[str], weights_mode: str = "meta")
     import hydra
     from hydra import compose, initialize_config_dir
 
-    from odise_pl.train import CONFIG_DIR
+    from odise_pl.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(

@@ -30,9 +30,9 @@ def test_captioner_ablation_runs_every_captioner_and_collects_one_table(tmp_path
         text=True,
         check=True,
     ).stdout
-    rows = [line for line in out.splitlines() if line.startswith("| +captioner_ablation=")]
+    rows = [line for line in out.splitlines() if line.startswith("| captioner=")]
     assert [r.split("|")[1].strip() for r in rows] == [
-        f"+captioner_ablation={c}" for c in ("empty", "heuristic", "file", "implicit")
+        f"captioner={c}" for c in ("empty", "heuristic", "file", "implicit")
     ]
     assert all("failed" not in r for r in rows)
 

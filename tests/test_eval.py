@@ -4,9 +4,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from odise_pl.checkpoint import export_safetensors, load_trainable
+from odise_pl.config import CONFIG_DIR
 from odise_pl.errors import CheckpointError
 from odise_pl.eval import evaluate
-from odise_pl.train import CONFIG_DIR, build, train
+from odise_pl.train import build, train
 
 from test_train import cfg_for
 

@@ -14,15 +14,14 @@ from test_train import cfg_for
 
 @pytest.fixture(scope="module")
 def module(tmp_path_factory):
-    _, m, _ = build(cfg_for(pathlib.Path(tmp_path_factory.mktemp("opt")), "model.open_vocab_mode=ensemble"))
+    _, m, _ = build(cfg_for(pathlib.Path(tmp_path_factory.mktemp("opt")), "model.predictor.mode=ensemble"))
     m.eval()
     m.set_vocabulary([["sky"], ["grass"], ["circle"]], [False, False, True])
     return m
 
 
 def run(module, precision, images):
-    module.inference_precision = precision
-    predictor = module.make_predictor(None)
+    predictor = module.make_predictor(precision=precision)
     meta = [{"input_size": images.shape[-2:], "height": images.shape[-2], "width": images.shape[-1]}]
     with torch.no_grad(), predictor._autocast(images):
         raw = module.net(images)

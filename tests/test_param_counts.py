@@ -36,7 +36,7 @@ def test_table3_backbones_at_full_size(name, params_m):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from odise_pl.train import CONFIG_DIR
+    from odise_pl.config import CONFIG_DIR
 
     node = OmegaConf.load(f"{CONFIG_DIR}/backbone/{name}.yaml").model.net.backbone
     node.model.mode = "random"

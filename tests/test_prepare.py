@@ -10,12 +10,8 @@ from PIL import Image
 from scipy.io import savemat
 
 from odise_pl.data.coco_panoptic import COCOPanopticDataset
-from odise_pl.data.prepare import (
-    ade_thing_mapping,
-    prepare_ade20k,
-    prepare_pascal_context,
-    prepare_pascal_voc,
-)
+from odise_pl.data.prepare import prepare_ade20k, prepare_pascal_context, prepare_pascal_voc
+from odise_pl.data.prepare.ade20k import ade_thing_mapping
 from odise_pl.data.semantic import SemanticSegDataset
 from odise_pl.data.vocab import dataset_vocab
 from odise_pl.errors import DatasetError
@@ -143,7 +139,7 @@ def fake_ade_full(root: Path) -> dict[str, int]:
     validation images and one training image with *_seg.png class maps. Returns name -> class value."""
     import pickle
 
-    from odise_pl.data.prepare import ADE_FULL_ANCHORS
+    from odise_pl.data.prepare.ade20k_full import ADE_FULL_ANCHORS
 
     names847 = [", ".join(n) for n in dataset_vocab("ade847").names]  # prompt-eng list has the same order
     plain = [", ".join(n) for n in parse_plain_847()]
@@ -190,9 +186,9 @@ def fake_ade_full(root: Path) -> dict[str, int]:
 
 
 def parse_plain_847():
-    from odise_pl.data.prepare import _plain_vocab
+    from odise_pl.data.prepare.common import plain_vocab
 
-    return _plain_vocab("ade20k_847.txt").names
+    return plain_vocab("ade20k_847.txt").names
 
 
 def test_ade20k_full_847(tmp_path):
@@ -243,7 +239,7 @@ def test_ade20k_full_refuses_code_in_the_index(tmp_path):
 
 
 def test_ade20k_full_wrong_release(tmp_path):
-    from odise_pl.data.prepare import ade_full_id_map
+    from odise_pl.data.prepare.ade20k_full import ade_full_id_map
 
     with pytest.raises(DatasetError, match="2021_17_01"):
         ade_full_id_map(["wall", "sky"])
@@ -251,7 +247,7 @@ def test_ade20k_full_wrong_release(tmp_path):
 
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
 def test_ade20k_full_index_of_any_protocol_is_read(tmp_path, protocol):
-    from odise_pl.data.prepare import load_ade_full_index
+    from odise_pl.data.prepare.ade20k_full import load_ade_full_index
 
     index = {
         "folder": ["a"],
@@ -309,7 +305,7 @@ def test_ade20k_full_index_with_unsafe_arrays_is_refused_without_crashing(tmp_pa
     path.write_bytes(payload())
     # in a child process: before the fix, a forged object array crashed the interpreter (rc 139)
     code = (
-        "import sys; from odise_pl.data.prepare import load_ade_full_index\n"
+        "import sys; from odise_pl.data.prepare.ade20k_full import load_ade_full_index\n"
         "from odise_pl.errors import DatasetError\n"
         "try:\n    load_ade_full_index(sys.argv[1])\nexcept DatasetError as e:\n    print('refused:', e); sys.exit(3)\n"
     )

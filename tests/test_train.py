@@ -9,9 +9,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from PIL import Image
 
+from odise_pl.config import CONFIG_DIR
 from odise_pl.errors import ConfigError, find_user_error
 from odise_pl.model.odise import to_unit
-from odise_pl.train import CONFIG_DIR, build, train
+from odise_pl.train import build, train
 
 FAST = [
     "trainer.max_steps=4",
@@ -282,3 +283,17 @@ def test_resume_applies_a_new_learning_rate_and_says_so(tmp_path, capsys):
     capsys.readouterr()
     run(tmp_path / "c", "trainer.max_steps=3", "model.optimizer.lr=1e-3", ckpt=ckpt)
     assert "resumed with this run's optimiser settings" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option", ["fdr", "limit", "overfit", "anomaly"])
+def test_debug_configs_run(tmp_path, option):
+    overrides = [f"debug={option}", "data.synthetic.num_train=4", "data.synthetic.num_val=2"]
+    if option != "fdr":  # keep the test short: two steps of each mode
+        overrides += ["trainer.max_steps=2", "trainer.val_check_interval=2"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "train", overrides=[f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/out", *overrides]
+        )
+    datamodule, module, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == (1 if option == "fdr" else 2)

@@ -1,4 +1,4 @@
-"""Start-up checks of a composed config: every value handed to a ``_target_`` against the type
+"""The config tree's location and resolvers, and start-up checks of a composed config: every value handed to a ``_target_`` against the type
 annotation of the parameter it fills.
 
 Hydra already rejects unknown keys (struct mode); a value of the wrong type (``trainer.max_steps=abc``,
@@ -11,9 +11,13 @@ callables, tensors) accept anything; only definite mismatches are reported.
 from __future__ import annotations
 
 import inspect
+import os
+import secrets
+import time
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from hydra.utils import get_object
@@ -22,6 +26,29 @@ from omegaconf import DictConfig, OmegaConf
 from odise_pl.errors import ConfigError
 
 _UNKNOWN = object()
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+# `${wandb_offline:}`: log offline (sync later) unless the user has a W&B API key.
+if not OmegaConf.has_resolver("wandb_offline"):
+    OmegaConf.register_new_resolver("wandb_offline", lambda: not os.environ.get("WANDB_API_KEY"))
+
+
+def run_name() -> str:
+    """The run folder's name: ``slurm-JOB[_TASK]`` under SLURM (every rank and a requeued job find
+    the same folder), else the start time and a random suffix (runs started in the same second
+    get folders of their own).
+    """
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{job}" + (f"_{task}" if task else "")
+    return time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + secrets.token_hex(3)
+
+
+# `${run_name:}`: hydra.run.dir / hydra.sweep.dir (conf/hydra/default.yaml), resolved once per process
+if not OmegaConf.has_resolver("run_name"):
+    OmegaConf.register_new_resolver("run_name", run_name, use_cache=True)
 
 
 def _hints(target) -> dict:
@@ -109,12 +136,12 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "data.val_transform.max_size": (1, None, False),
     "model.optimizer.lr": (0, None, True),
     "model.optimizer.weight_decay": (0, None, False),
-    "model.ensemble_alpha": (0, 1, False),
-    "model.ensemble_beta": (0, 1, False),
-    "model.object_mask_threshold": (0, 1, False),
-    "model.overlap_threshold": (0, 1, False),
-    "model.instance_topk": (1, None, False),
-    "model.max_nonfinite_steps": (1, None, False),
+    "model.predictor.alpha": (0, 1, False),
+    "model.predictor.beta": (0, 1, False),
+    "model.predictor.object_mask_threshold": (0, 1, False),
+    "model.predictor.overlap_threshold": (0, 1, False),
+    "model.predictor.topk": (1, None, False),
+    "callbacks.nonfinite.max_in_a_row": (1, None, False),
     "model.net.backbone_size": (64, None, False),
     "model.net.windows_per_pass": (1, None, False),
     "model.net.pyramid.out_channels": (1, None, False),

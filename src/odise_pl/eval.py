@@ -18,14 +18,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from odise_pl.checkpoint import load_trainable
-from odise_pl.config import check_config
+from odise_pl.config import CONFIG_DIR, check_config
 from odise_pl.data.transforms import ResizeShortestEdge
 from odise_pl.data.vocab import Vocabulary, dataset_vocab
 from odise_pl.datamodule import collate
 from odise_pl.errors import exit_on_user_error
 from odise_pl.evaluation.runner import compute_evaluators, make_evaluators, update_evaluators
 from odise_pl.inference.predictor import Predictor
-from odise_pl.train import CONFIG_DIR
 
 COLUMNS = (("pq", "PQ"), ("pq_th", "PQ th"), ("pq_st", "PQ st"), ("ap", "AP"), ("miou", "mIoU"))
 

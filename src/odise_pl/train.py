@@ -9,9 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import os
-import secrets
 import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -22,33 +20,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from odise_pl.callbacks.preemption import SaveOnPreemption
+from odise_pl.callbacks.training_guards import BadSampleReport, ConfiguredOptimizerOnResume
 from odise_pl.checkpoint import AtomicCheckpointIO, describe_mismatch, read_checkpoint
-from odise_pl.config import check_config
+from odise_pl.config import CONFIG_DIR, check_config
 from odise_pl.errors import CheckpointError, exit_on_user_error
 from odise_pl.fs import RunLock, remove_stale_partials
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-# `${wandb_offline:}`: log offline (sync later) unless the user has a W&B API key.
-if not OmegaConf.has_resolver("wandb_offline"):
-    OmegaConf.register_new_resolver("wandb_offline", lambda: not os.environ.get("WANDB_API_KEY"))
-
-
-def run_name() -> str:
-    """The run folder's name: ``slurm-JOB[_TASK]`` under SLURM (every rank and a requeued job find
-    the same folder), else the start time and a random suffix (runs started in the same second
-    get folders of their own).
-    """
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if job:
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return f"slurm-{job}" + (f"_{task}" if task else "")
-    return time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + secrets.token_hex(3)
-
-
-# `${run_name:}`: hydra.run.dir / hydra.sweep.dir (conf/hydra/default.yaml), resolved once per process
-if not OmegaConf.has_resolver("run_name"):
-    OmegaConf.register_new_resolver("run_name", run_name, use_cache=True)
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list:
@@ -71,7 +47,8 @@ def build(cfg: DictConfig):
     callbacks = instantiate_dict(cfg.get("callbacks"))
     if not loggers:  # `logger=none`: nothing to monitor the learning rate into (Lightning would refuse)
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
-    callbacks.append(SaveOnPreemption())
+    # Always on: what a long run needs whatever the callbacks config says.
+    callbacks += [SaveOnPreemption(), ConfiguredOptimizerOnResume(), BadSampleReport()]
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )

@@ -278,7 +278,7 @@ RANGE_CASES = {
     "data.train_transform.size=0": r"data.train_transform.size=0 is outside the allowed range >= 1",
     "model.net.transformer_decoder.num_queries=0": r"num_queries=0 is outside the allowed range >= 1",
     "trainer.val_check_interval=0": r"trainer.val_check_interval=0 is outside the allowed range > 0",
-    "model.ensemble_alpha=1.5": r"model.ensemble_alpha=1.5 is outside the allowed range \[0, 1\]",
+    "model.predictor.alpha=1.5": r"model.predictor.alpha=1.5 is outside the allowed range \[0, 1\]",
 }
 
 

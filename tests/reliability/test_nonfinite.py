@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from odise_pl.callbacks.training_guards import NonFiniteLossMonitor
 from odise_pl.train import build
 
 from test_train import cfg_for
@@ -23,14 +24,18 @@ def test_isolated_nan_is_skipped_and_training_goes_on(tmp_path):
     module.compute_losses = flaky
     with pytest.warns(UserWarning, match="non-finite loss terms \\['loss_mask'\\]"):
         trainer.fit(module, datamodule=datamodule)
-    assert module.nonfinite_total == 1 and trainer.global_step == 4
+    monitor = next(c for c in trainer.callbacks if isinstance(c, NonFiniteLossMonitor))
+    assert monitor.total == 1 and monitor.in_a_row == 0 and trainer.global_step == 4
     assert all(torch.isfinite(v).all() for v in module.net.trainable_state_dict().values())
 
 
 def test_too_many_in_a_row_stop_with_a_message(tmp_path):
     datamodule, module, trainer = build(
         cfg_for(
-            tmp_path, "trainer.max_steps=10", "model.criterion.mask_weight=nan", "model.max_nonfinite_steps=3"
+            tmp_path,
+            "trainer.max_steps=10",
+            "model.criterion.mask_weight=nan",
+            "callbacks.nonfinite.max_in_a_row=3",
         )
     )
     before = {k: v.clone() for k, v in module.net.trainable_state_dict().items()}

@@ -33,8 +33,7 @@ def test_a_run_folder_in_use_is_refused(tmp_path):
 def test_runs_started_together_get_their_own_folders(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    import odise_pl.train  # noqa: F401  (registers the resolver)
-    from odise_pl.train import run_name
+    from odise_pl.config import run_name  # importing it registers the resolver
 
     names = {run_name() for _ in range(50)}
     assert len(names) == 50  # same second, different folders

@@ -5,7 +5,7 @@ step boundary, on every process, and saves nothing. This callback writes ``last.
 point, on every process together (the save is collective under DDP) and atomically (the
 checkpoint IO renames a finished file into place); the entry point then exits with status 143
 (128 + SIGTERM), so the scheduler sees the job did not finish. Resuming from the file continues
-the run exactly (``tests/reliability/test_preemption.py``).
+the run exactly (``tests/reliability/test_kill_resume.py``).
 """
 
 from __future__ import annotations

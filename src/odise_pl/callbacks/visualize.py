@@ -8,6 +8,8 @@ import lightning as L
 import numpy as np
 from PIL import Image
 
+from odise_pl.visualize import overlay
+
 
 class PanopticVisualizer(L.Callback):
     """Renders the first ``num_images`` validation images with their predicted segments.
@@ -23,8 +25,6 @@ class PanopticVisualizer(L.Callback):
     def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
         if not trainer.is_global_zero or not outputs or batch_idx >= self.num_images:
             return
-        from odise_pl.demo import overlay
-
         names = [v[0] for v in module.vocabulary]
         for k, pred in enumerate(outputs.get("preds", [])[:1]):
             meta = batch["meta"][k]

@@ -188,7 +188,7 @@ def write_split(
     # An example user caption file (image file name -> caption), as a captioner such as BLIP
     # would produce; used by the `file` captioner ablation. Both splits share one file.
     gen = out / "annotations" / "generated_captions.json"
-    existing = json.load(open(gen)) if gen.is_file() else {}
+    existing = json.loads(gen.read_text()) if gen.is_file() else {}
     existing.update({im["file_name"]: c["caption"] for im, c in zip(images, captions[1::2])})
     with open(gen, "w") as f:
         json.dump(existing, f)

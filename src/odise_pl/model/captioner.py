@@ -1,6 +1,6 @@
 """Captioners: what the diffusion UNet is conditioned on (Sec. 3.3, Table 4).
 
-One interface, swappable by config (``model/captioner: implicit | empty | text``)::
+One interface, swappable by config (``captioner=implicit | empty | text | heuristic | file``)::
 
     captioner(images: (B, 3, H, W) in [0, 1], captions: list[str] | None)
         -> cond: (B, L, C), time_offset: (B, T, C_t) | None  (one row per diffusion step)
@@ -57,7 +57,7 @@ class TextCaptioner(nn.Module):
             got = "none" if captions is None else len(captions)
             raise ValueError(
                 f"the text captioner needs one caption per image ({images.shape[0]} images, {got} captions); "
-                "serve captions from the data (`data.captions=true`) or use `model/captioner=implicit`"
+                "serve captions from the data (`data.train_dataset.captions=true`) or use `captioner=implicit`"
             )
         return self.text_encoder(captions), None
 

@@ -142,7 +142,7 @@ class FrozenCLIP(nn.Module):
             raise NotImplementedError(
                 f"dense CLIP features need an open_clip ViT image tower; {type(visual).__name__} has none. "
                 "Use a ViT CLIP (e.g. ViT-L-14-336) or classify with the diffusion side only "
-                "(model.open_vocab_mode=diffusion)"
+                "(model.predictor.mode=diffusion)"
             )
         before = visual.output_tokens
         visual.output_tokens = True

@@ -50,7 +50,7 @@ def mask_token_embeddings(visual: nn.Module, pixels: Tensor, visible: Tensor) ->
     if not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks):
         raise NotImplementedError(
             f"MaskCLIP needs an open_clip ViT with standard attention blocks; {type(visual).__name__} differs. "
-            "Use an OpenAI-style ViT CLIP (e.g. ViT-L-14-336), or model.clip_side=pooling"
+            "Use an OpenAI-style ViT CLIP (e.g. ViT-L-14-336), or model.predictor.clip_side=pooling"
         )
     x = visual.conv1(pixels.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)

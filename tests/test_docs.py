@@ -1,0 +1,33 @@
+"""The README's "Where things live" section names only files and folders that exist, and lists
+every source module: a newcomer can check it against the tree."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TREE = [p for p in ROOT.rglob("*") if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
+
+
+def _layout() -> str:
+    section = (ROOT / "README.md").read_text().split("## Where things live", 1)[1]
+    return section.split("```", 2)[1]
+
+
+def test_every_file_and_folder_named_exists():
+    files = {p.name for p in TREE if p.is_file()}
+    folders = {p.relative_to(ROOT).as_posix() for p in TREE if p.is_dir()}
+    folder_names = {f.rsplit("/", 1)[-1] for f in folders}
+    missing = []
+    for name in set(re.findall(r"[\w]+\.(?:py|yaml|md|ipynb)\b", _layout())):
+        if name not in files:
+            missing.append(name)
+    for name in set(re.findall(r"(?<![\w.])([\w/]+)/(?=[\s)]|$)", _layout(), re.M)):
+        if name not in folders and name.split("/")[-1] not in folder_names:
+            missing.append(name + "/")
+    assert not missing, sorted(missing)
+
+
+def test_every_source_module_is_listed():
+    listed = set(re.findall(r"[\w]+\.py", _layout()))
+    modules = {p.name for p in (ROOT / "src/odise_pl").rglob("*.py") if p.name != "__init__.py"}
+    assert modules <= listed, sorted(modules - listed)
