@@ -31,3 +31,20 @@ def test_every_source_module_is_listed():
     listed = set(re.findall(r"[\w]+\.py", _layout()))
     modules = {p.name for p in (ROOT / "src/odise_pl").rglob("*.py") if p.name != "__init__.py"}
     assert modules <= listed, sorted(modules - listed)
+
+
+def test_library_code_never_imports_a_command_line_module():
+    import ast
+
+    cli = {"odise_pl.train", "odise_pl.eval", "odise_pl.demo"}
+    offenders = []
+    for path in (ROOT / "src/odise_pl").rglob("*.py"):
+        module = "odise_pl." + ".".join(path.relative_to(ROOT / "src/odise_pl").with_suffix("").parts)
+        if module in cli:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{module} imports {n}" for n in names if n in cli]
+    assert not offenders, offenders

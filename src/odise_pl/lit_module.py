@@ -37,7 +37,7 @@ class ODISELitModule(L.LightningModule):
             vocabulary (PARITY: ``coco``, the COCO panoptic synonym lists matched to the dataset's
             categories by id) or ``dataset`` (the training set's own names).
         optimizer, scheduler: partials of the optimiser (given parameter groups) and of a step-wise
-            scheduler (given the optimiser; the official one: :func:`odise_pl.optim.warmup_multistep_lr`).
+            scheduler (given the optimiser; the official one: :class:`odise_pl.optim.WarmupMultiStepLR`).
         weight_decay_norm, weight_decay_bias: weight decay of normalisation layers and biases
             (PARITY: 0, detectron2's groups; ``None``: the optimiser's).
         predictor: partial of :class:`~odise_pl.inference.predictor.Predictor` (the test-time settings).

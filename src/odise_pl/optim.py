@@ -69,8 +69,9 @@ def param_groups(
     return [{"params": ps} if wd is full else {"params": ps, "weight_decay": wd} for wd, ps in groups.items()]
 
 
-class WarmupMultiStep:
-    """Learning-rate multiplier of optimiser step k, as detectron2 evaluates the official schedule.
+class WarmupMultiStepLR(torch.optim.lr_scheduler.LambdaLR):
+    """The official learning-rate schedule, stepped per optimiser step (the config's ``_partial_``
+    scheduler).
 
     PARITY with ``WarmupParamScheduler(MultiStepParamScheduler(values, milestones, num_updates),
     warmup_length, warmup_factor)`` under detectron2's ``LRMultiplier``: the schedule is written for
@@ -79,7 +80,11 @@ class WarmupMultiStep:
     factor 0.067) a 92,188-step run warms up linearly over its first 250 steps and decays x0.1 at
     steps 81,945 and 88,774.
 
+    Only the step count is checkpointed: a resumed run's schedule comes from its own config (a
+    longer ``max_steps`` stretches it, as in detectron2).
+
     Args:
+        optimizer: the optimiser.
         max_steps: optimiser steps of this run (``trainer.max_steps``).
         milestones, num_updates: where the values change, in the schedule's own iterations.
         values: the multiplier before the first milestone, after it, ... (len(milestones) + 1).
@@ -88,9 +93,11 @@ class WarmupMultiStep:
     """
 
     EPS = 1e-6  # fvcore's WHERE_EPSILON
+    _CONFIG = ("max_steps", "num_updates", "milestones", "values", "warmup", "warmup_factor")
 
     def __init__(
         self,
+        optimizer: torch.optim.Optimizer,
         *,
         max_steps: int,
         milestones: list[int] | tuple[int, ...] = (163889, 177546),
@@ -111,11 +118,13 @@ class WarmupMultiStep:
         self.milestones, self.values = list(milestones), list(values)
         self.warmup = warmup_length / num_updates
         self.warmup_factor = warmup_factor
+        super().__init__(optimizer, lambda step: self.multiplier(step))
 
     def _steps(self, where: float) -> float:
         return self.values[bisect.bisect_right(self.milestones, int((where + self.EPS) * self.num_updates))]
 
-    def __call__(self, step: int) -> float:
+    def multiplier(self, step: int) -> float:
+        """The learning-rate multiplier of optimiser step ``step`` (0-based)."""
         where = min(step / self.max_steps, 1.0)
         if where + self.EPS <= self.warmup:
             start, end = self.warmup_factor * self._steps(0.0), self._steps(self.warmup)
@@ -123,30 +132,5 @@ class WarmupMultiStep:
             return end * alpha + start * (1 - alpha)
         return self._steps(where)
 
-
-def warmup_multistep_lr(
-    optimizer: torch.optim.Optimizer,
-    *,
-    max_steps: int,
-    milestones: list[int] | tuple[int, ...] = (163889, 177546),
-    num_updates: int = 184375,
-    values: list[float] | tuple[float, ...] = (1.0, 0.1, 0.01),
-    warmup_length: float = 500,
-    warmup_factor: float = 0.067,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` stepping :class:`WarmupMultiStep` per optimiser step (the config's ``_partial_``
-    scheduler; arguments as there).
-
-    The schedule goes in as a plain function, which ``LambdaLR`` does not save: a resumed run
-    rebuilds it from its own config (a longer ``max_steps`` stretches it, as in detectron2) and
-    takes only the step count from the checkpoint.
-    """
-    schedule = WarmupMultiStep(
-        max_steps=max_steps,
-        milestones=milestones,
-        num_updates=num_updates,
-        values=values,
-        warmup_length=warmup_length,
-        warmup_factor=warmup_factor,
-    )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
+    def state_dict(self) -> dict:
+        return {k: v for k, v in super().state_dict().items() if k not in self._CONFIG}
