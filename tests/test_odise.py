@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 from odise_pl.inference.postprocess import panoptic_inference, semantic_inference
@@ -35,26 +36,21 @@ def float64(m):
     return copy.deepcopy(m).double().eval()
 
 
-def test_sliding_window_averages_per_window_pyramids(tiny_odise):
-    # 128 x 320 with the 128 backbone: windows at x = 0, 128, 192 (last aligned to the border)
+@pytest.mark.parametrize(
+    "size,window",
+    [
+        ((128, 320), 128),  # windows at x = 0, 128, 192 (the last aligned to the border)
+        ((64, 192), 64),  # short side 64 < 128: windows of 64, each resized to 128 for the backbone
+    ],
+)
+def test_sliding_window_averages_per_window_pyramids(tiny_odise, size, window):
     m = float64(tiny_odise)
-    images = torch.rand(1, 3, 128, 320, dtype=torch.float64)
+    images = torch.rand(1, 3, *size, dtype=torch.float64)
     with torch.no_grad():
-        got, ref = m.features(images), reference_slide(m, images, 128)
+        got, ref = m.features(images), reference_slide(m, images, window)
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-10)
-        assert m(images)["pred_masks"].shape[-2:] == (32, 80)
-
-
-def test_windows_smaller_than_the_backbone_are_resized_up(tiny_odise):
-    # short side 64 < 128: windows of 64 (x = 0, 64, 128), each resized to 128 for the backbone
-    m = float64(tiny_odise)
-    images = torch.rand(1, 3, 64, 192, dtype=torch.float64)
-    with torch.no_grad():
-        got, ref = m.features(images), reference_slide(m, images, 64)
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-10)
-    assert got["s2"].shape[-2:] == (16, 48)
+        assert m(images)["pred_masks"].shape[-2:] == (size[0] // 4, size[1] // 4)
 
 
 def test_windows_one_per_pass_equal_all_together(tiny_odise):

@@ -133,37 +133,47 @@ def _hf_cache() -> str:
     return HF_HUB_CACHE
 
 
+def _sd_part(
+    mode: str, source: str, cls, subfolder: str, what: str, sizes: tuple[dict, dict], wrap=None
+) -> nn.Module:
+    """One part of SD v1, frozen: ``cls.from_pretrained(source, subfolder)``, or built from
+    ``sizes`` (full, tiny), through ``wrap`` (a config class) when given.
+    """
+    _check_mode(mode)
+    if mode == "pretrained":
+        return _frozen(_from_pretrained(cls, source, subfolder, what))
+    kwargs = sizes[1] if mode == "tiny" else sizes[0]
+    with _device(mode):
+        return _frozen(cls(wrap(**kwargs)) if wrap else cls(**kwargs))
+
+
 def load_unet(mode: Mode = "pretrained", source: str = DEFAULT_SD) -> nn.Module:
     """Stable Diffusion v1.x ``UNet2DConditionModel``, frozen."""
     from diffusers import UNet2DConditionModel
 
-    _check_mode(mode)
-    if mode == "pretrained":
-        return _frozen(_from_pretrained(UNet2DConditionModel, source, "unet", "diffusion UNet"))
-    with _device(mode):
-        return _frozen(UNet2DConditionModel(**(TINY_UNET if mode == "tiny" else SD_V1_UNET)))
+    return _sd_part(mode, source, UNet2DConditionModel, "unet", "diffusion UNet", (SD_V1_UNET, TINY_UNET))
 
 
 def load_vae(mode: Mode = "pretrained", source: str = DEFAULT_SD) -> nn.Module:
     """Stable Diffusion v1.x ``AutoencoderKL``, frozen."""
     from diffusers import AutoencoderKL
 
-    _check_mode(mode)
-    if mode == "pretrained":
-        return _frozen(_from_pretrained(AutoencoderKL, source, "vae", "VAE"))
-    with _device(mode):
-        return _frozen(AutoencoderKL(**(TINY_VAE if mode == "tiny" else SD_V1_VAE)))
+    return _sd_part(mode, source, AutoencoderKL, "vae", "VAE", (SD_V1_VAE, TINY_VAE))
 
 
 def load_text_encoder(mode: Mode = "pretrained", source: str = DEFAULT_SD) -> nn.Module:
     """SD v1's text encoder (CLIP ViT-L/14 text tower as transformers ``CLIPTextModel``), frozen."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    _check_mode(mode)
-    if mode == "pretrained":
-        return _frozen(_from_pretrained(CLIPTextModel, source, "text_encoder", "text encoder"))
-    with _device(mode):
-        return _frozen(CLIPTextModel(CLIPTextConfig(**(TINY_TEXT if mode == "tiny" else SD_V1_TEXT))))
+    return _sd_part(
+        mode,
+        source,
+        CLIPTextModel,
+        "text_encoder",
+        "text encoder",
+        (SD_V1_TEXT, TINY_TEXT),
+        wrap=CLIPTextConfig,
+    )
 
 
 def load_scheduler(mode: Mode = "pretrained", source: str = DEFAULT_SD):

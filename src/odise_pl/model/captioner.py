@@ -22,14 +22,7 @@ from odise_pl.model.text_encoder import SDTextEncoder
 class EmptyCaptioner(nn.Module):
     """Every image gets the embedding of the empty string (Table 4 row a). Nothing is trained."""
 
-    def __init__(
-        self,
-        *,
-        text_encoder: SDTextEncoder,
-        clip: FrozenCLIP | None = None,
-        time_embed_dim: int = 0,
-        num_timesteps: int = 1,
-    ):
+    def __init__(self, *, text_encoder: SDTextEncoder, **_):  # clip, time sizes: not needed here
         super().__init__()
         # A buffer, not a parameter: derived from frozen weights, recomputed at start-up, never saved.
         self.register_buffer("empty", text_encoder([""]), persistent=False)
@@ -41,14 +34,7 @@ class EmptyCaptioner(nn.Module):
 class TextCaptioner(nn.Module):
     """A given caption per image (dataset captions, heuristic ones, BLIP outputs) through SD's text encoder."""
 
-    def __init__(
-        self,
-        *,
-        text_encoder: SDTextEncoder,
-        clip: FrozenCLIP | None = None,
-        time_embed_dim: int = 0,
-        num_timesteps: int = 1,
-    ):
+    def __init__(self, *, text_encoder: SDTextEncoder, **_):  # clip, time sizes: not needed here
         super().__init__()
         self.text_encoder = text_encoder
 
