@@ -125,7 +125,7 @@ def test_caption_objectness_is_a_one_class_problem(tmp_path):
         assert out["pred_objectness"].shape[-1] == 2
         out["pred_logits"] = out["pred_objectness"]
     zeros = [{**t, "labels": torch.zeros_like(t["labels"])} for t in batch["targets"]]
-    ref = module.criterion(outputs, zeros)
+    ref = module.loss.criterion(outputs, zeros)
     torch.testing.assert_close(losses["loss_ce"], ref["loss_ce"])
     assert any(len(t["labels"]) and t["labels"].max() > 0 for t in batch["targets"])  # relabelling mattered
 
