@@ -11,14 +11,13 @@ DATA ?= data/synthetic
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/reference.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# Exact versions seen working together (torch + torchvision from the registry: CUDA builds that also run on CPU).
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
-	# The COCO panoptic API (reference for PQ tests and benchmarks). --no-deps: its metadata pins
-	# numpy<2, but panopticapi/evaluation.py needs only numpy and Pillow.
-	$(PY) -m pip install --quiet --no-deps panopticapi-lite==0.2.0
+	# The COCO panoptic API, the reference of the PQ tests and benchmarks (see the file for --no-deps).
+	$(PY) -m pip install --quiet --no-deps -r requirements/reference.txt
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create .venv and install everything (idempotent)

@@ -69,7 +69,7 @@ class ODISELitModule(L.LightningModule):
         self.strict_loading = False  # frozen parts are out of the checkpoint
         self.vocabulary: list[list[str]] | None = None
         self.isthing: list[bool] | None = None
-        self.evaluators: dict = {}
+        self.evaluators = torch.nn.ModuleDict()
         self.nonfinite_terms: list[str] = []  # of the last skipped step (callbacks.nonfinite reports them)
 
     def setup(self, stage: str) -> None:
@@ -80,7 +80,8 @@ class ODISELitModule(L.LightningModule):
     def set_vocabulary(self, vocabulary: list[list[str]], isthing: list[bool]) -> None:
         """Categories for label supervision and validation (contiguous ids = list positions)."""
         self.vocabulary, self.isthing = vocabulary, list(isthing)
-        self.evaluators = make_evaluators(vocabulary, isthing)
+        # a ModuleDict of torchmetrics Metrics: moved to the module's device, synchronised in compute
+        self.evaluators = torch.nn.ModuleDict(make_evaluators(vocabulary, isthing))
 
     # -- training ------------------------------------------------------------------------------
     def compute_losses(self, batch: dict) -> dict[str, Tensor]:

@@ -145,7 +145,7 @@ class COCOPanopticDataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetError(
-                f"dataset root not found: {self.root}. Point `data.root` at a COCO-panoptic-format folder, or write "
+                f"dataset root not found: {self.root}. Point `paths.coco` (or `data.train_dataset.root`) at a COCO-panoptic-format folder, or write "
                 f"the synthetic one with `python -m odise_pl.data.synthetic --out {self.root}`"
             )
         self.image_dir = self.root / (image_dir or f"{split}2017")
@@ -190,7 +190,7 @@ class COCOPanopticDataset(Dataset):
                 self.captions_json,
                 "captions file",
                 "Download annotations_trainval2017 (captions_*.json) from cocodataset.org into <root>/annotations, "
-                "point `data.captions_json` at it, or turn captions off with `data.captions=false` "
+                "point `data.train_dataset.captions_json` at it, or turn captions off with `data.train_dataset.captions=false` "
                 "(label supervision with the implicit or empty captioner needs none)",
             )
             if not isinstance(cap, dict) or not isinstance(cap.get("annotations"), list):

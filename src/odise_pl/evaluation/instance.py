@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 
 import numpy as np
+import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
 
 
 def encode(masks: np.ndarray) -> list[dict]:
@@ -21,22 +26,34 @@ def encode(masks: np.ndarray) -> list[dict]:
     return rles
 
 
-class InstanceEvaluator:
-    """Collects ground truth and predictions per image, then runs COCOeval(iouType="segm").
+def _cat(state) -> Tensor | None:
+    """A list state as one tensor (it already is one after torchmetrics' synchronisation)."""
+    if isinstance(state, Tensor):
+        return state
+    return dim_zero_cat(state) if state else None
+
+
+class InstanceEvaluator(Metric):
+    """Mask AP as a torchmetrics ``Metric``: the ground truth and predictions of each image (RLE
+    masks) are kept as one JSON record, and all processes' records are gathered
+    (``dist_reduce_fx="cat"``) before COCOeval(iouType="segm") runs on them.
+
+    Why JSON bytes: torchmetrics gathers tensors only, and COCO's records are nested dicts with
+    strings; one uint8 tensor per image (and its length, to split them again) carries them.
 
     Args:
         categories: thing categories, ``{"id", "name"}`` (ids as used in ``update``).
     """
 
-    def __init__(self, categories: list[dict]):
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, categories: list[dict], **kwargs):
+        super().__init__(**kwargs)
         self.categories = [{"id": c["id"], "name": c.get("name", str(c["id"]))} for c in categories]
         self.thing_ids = {c["id"] for c in self.categories}
-        self.reset()
-
-    def reset(self) -> None:
-        self.images: list[dict] = []
-        self.gt: list[dict] = []
-        self.dt: list[dict] = []
+        self.add_state("records", default=[], dist_reduce_fx="cat")
+        self.add_state("lengths", default=[], dist_reduce_fx="cat")
 
     def update(
         self, image_id: int, gt_masks, gt_labels, gt_crowd, pred_masks, pred_labels, pred_scores
@@ -47,7 +64,7 @@ class InstanceEvaluator:
         """
         gt_masks, pred_masks = np.asarray(gt_masks, dtype=bool), np.asarray(pred_masks, dtype=bool)
         h, w = gt_masks.shape[-2:] if gt_masks.ndim == 3 and len(gt_masks) else pred_masks.shape[-2:]
-        self.images.append({"id": int(image_id), "height": int(h), "width": int(w)})
+        record: dict = {"image": {"id": int(image_id), "height": int(h), "width": int(w)}, "gt": [], "dt": []}
         for m, rle, lab, crowd in zip(
             gt_masks, encode(gt_masks), np.asarray(gt_labels), np.asarray(gt_crowd)
         ):
@@ -60,9 +77,8 @@ class InstanceEvaluator:
                 float(xs.max() - xs.min() + 1),
                 float(ys.max() - ys.min() + 1),
             ]
-            self.gt.append(
+            record["gt"].append(
                 {
-                    "id": len(self.gt) + 1,
                     "image_id": int(image_id),
                     "category_id": int(lab),
                     "segmentation": rle,
@@ -73,7 +89,7 @@ class InstanceEvaluator:
             )
         for rle, lab, score in zip(encode(pred_masks), np.asarray(pred_labels), np.asarray(pred_scores)):
             if int(lab) in self.thing_ids:
-                self.dt.append(
+                record["dt"].append(
                     {
                         "image_id": int(image_id),
                         "category_id": int(lab),
@@ -82,26 +98,34 @@ class InstanceEvaluator:
                     }
                 )
 
-    def sync(self) -> None:
-        import torch.distributed as dist
+        blob = torch.frombuffer(bytearray(json.dumps(record).encode()), dtype=torch.uint8)
+        self.records.append(blob.to(self.device))
+        self.lengths.append(torch.tensor([len(blob)], device=self.device))
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, (self.images, self.gt, self.dt))
-            self.images = [im for p in parts for im in p[0]]
-            self.gt = [dict(g, id=k + 1) for k, g in enumerate(g for p in parts for g in p[1])]
-            self.dt = [d for p in parts for d in p[2]]
+    def _gathered(self) -> tuple[list[dict], list[dict], list[dict]]:
+        """(images, ground truth with ids 1.., detections) of every image seen by any process."""
+        records, lengths = _cat(self.records), _cat(self.lengths)
+        images, gt, dt = [], [], []
+        if records is None or lengths is None:
+            return images, gt, dt
+        for chunk in records.cpu().split(lengths.cpu().tolist()):
+            r = json.loads(bytes(chunk.numpy()).decode())
+            images.append(r["image"])
+            gt += r["gt"]
+            dt += r["dt"]
+        return images, [dict(g, id=k + 1) for k, g in enumerate(gt)], dt
 
     def compute(self) -> dict:
         """``{ap, ap50, ap75, aps, apm, apl}`` in %, COCOeval's stats[0:6]; zeros without predictions."""
         keys = ("ap", "ap50", "ap75", "aps", "apm", "apl")
-        if not self.dt or not self.gt:
+        images, gt, dts = self._gathered()
+        if not dts or not gt:
             return dict.fromkeys(keys, 0.0)
         coco = COCO()
-        coco.dataset = {"images": self.images, "annotations": self.gt, "categories": self.categories}
+        coco.dataset = {"images": images, "annotations": gt, "categories": self.categories}
         with contextlib.redirect_stdout(io.StringIO()):
             coco.createIndex()
-            dt = coco.loadRes([dict(d) for d in self.dt])
+            dt = coco.loadRes([dict(d) for d in dts])
             ev = COCOeval(coco, dt, iouType="segm")
             ev.evaluate()
             ev.accumulate()

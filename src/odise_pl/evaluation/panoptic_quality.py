@@ -28,6 +28,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
+from torchmetrics import Metric
 
 from odise_pl.data.io import read_ids
 from odise_pl.errors import PanopticEvalError
@@ -255,23 +257,28 @@ def evaluate_files(
     return summarize(stats, categories)
 
 
-class PanopticEvaluator:
-    """In-memory accumulation for validation during training; ``sync()`` sums over DDP processes.
+class PanopticEvaluator(Metric):
+    """Panoptic quality as a torchmetrics ``Metric``: per-category (IoU sum, TP, FP, FN) accumulated
+    in a (K, 4) state summed over processes (``dist_reduce_fx="sum"``), so Lightning and torchmetrics
+    synchronise it; the per-image work is :func:`image_stats` (the COCO panoptic API's rules).
 
     Args:
         categories: ``{"id", "isthing"}`` dicts (contiguous ids are fine).
     """
 
-    def __init__(self, categories: list[dict]):
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, categories: list[dict], **kwargs):
+        super().__init__(**kwargs)
         self.categories = sorted(categories, key=lambda c: c["id"])
         self.cat_index = {c["id"]: k for k, c in enumerate(self.categories)}
-        self.reset()
-
-    def reset(self) -> None:
-        self.stats = np.zeros((len(self.categories), 4))
+        self.add_state(
+            "stats", default=torch.zeros(len(self.categories), 4, dtype=torch.float64), dist_reduce_fx="sum"
+        )
 
     def update(self, gt_ids, gt_segments, pred_ids, pred_segments, image: str = "") -> None:
-        self.stats += image_stats(
+        stats = image_stats(
             np.asarray(gt_ids, dtype=np.uint32),
             gt_segments,
             np.asarray(pred_ids, dtype=np.uint32),
@@ -279,20 +286,11 @@ class PanopticEvaluator:
             self.cat_index,
             image,
         )
-
-    def sync(self) -> None:
-        import torch
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            t = torch.as_tensor(self.stats, dtype=torch.float64)
-            if dist.get_backend() == "nccl":
-                t = t.cuda()
-            dist.all_reduce(t)
-            self.stats = t.cpu().numpy()
+        self.stats += torch.from_numpy(stats).to(self.stats)
 
     def compute(self) -> dict:
-        return summarize(self.stats, self.categories)
+        """``summarize``'s dict: ``{"All"|"Things"|"Stuff": {pq, sq, rq, n}, "per_class": ...}``."""
+        return summarize(self.stats.cpu().numpy(), self.categories)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from odise_pl.evaluation.semantic import SemanticEvaluator
 def make_evaluators(
     vocabulary: list[list[str]], isthing: list[bool], tasks=("panoptic", "semantic", "instance")
 ) -> dict:
-    """Evaluators over contiguous category ids 0..K-1."""
+    """Torchmetrics ``Metric``s over contiguous category ids 0..K-1, by task."""
     cats = [{"id": k, "name": v[0], "isthing": int(t)} for k, (v, t) in enumerate(zip(vocabulary, isthing))]
     out = {}
     if "panoptic" in tasks:
@@ -66,20 +66,18 @@ def update_evaluators(evaluators: dict, pred: dict, target: dict, meta: dict) ->
 
 
 def compute_evaluators(evaluators: dict) -> dict[str, float]:
-    """Synchronise across processes and compute: pq, sq, rq (+ _th, _st), miou, ap, ap50 (in %)."""
+    """pq, sq, rq (+ _th, _st), miou, ap, ap50 in %, over every process (each metric synchronises
+    its state in ``compute``, as torchmetrics does).
+    """
     out: dict[str, float] = {}
     if "panoptic" in evaluators:
-        ev = evaluators["panoptic"]
-        ev.sync()
-        r = ev.compute()
+        r = evaluators["panoptic"].compute()
         for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
             for m in ("pq", "sq", "rq"):
                 out[m + suffix] = 100 * r[group][m]
     if "semantic" in evaluators:
-        evaluators["semantic"].sync()
         out["miou"] = evaluators["semantic"].compute()["miou"]
     if "instance" in evaluators:
-        evaluators["instance"].sync()
         r = evaluators["instance"].compute()
         out["ap"], out["ap50"] = r["ap"], r["ap50"]
     return out

@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torchmetrics import Metric
 
 
-class SemanticEvaluator:
-    """Accumulates a (K, K) confusion matrix; ``compute()`` -> ``{miou, fwiou, pacc, macc, iou: [K]}`` (%).
+class SemanticEvaluator(Metric):
+    """A torchmetrics ``Metric`` accumulating a (K, K) confusion matrix, summed over processes;
+    ``compute()`` -> ``{miou, fwiou, pacc, macc, iou: [K]}`` (%).
 
     Args:
         num_classes: K.
         ignore_label: ground-truth value to ignore.
     """
 
-    def __init__(self, num_classes: int, ignore_label: int = 255):
-        self.num_classes, self.ignore_label = num_classes, ignore_label
-        self.reset()
+    full_state_update = False
+    higher_is_better = True
 
-    def reset(self) -> None:
-        self.conf = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+    def __init__(self, num_classes: int, ignore_label: int = 255, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes, self.ignore_label = num_classes, ignore_label
+        self.add_state(
+            "conf", default=torch.zeros(num_classes, num_classes, dtype=torch.int64), dist_reduce_fx="sum"
+        )
 
     def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
         """pred, gt: (H, W) class indices (gt may hold ``ignore_label``)."""
@@ -35,18 +40,11 @@ class SemanticEvaluator:
                 f"ground-truth labels {bad} outside [0, {self.num_classes}) and not the ignore label"
             )
         k = self.num_classes
-        self.conf += torch.bincount(gt[keep] * k + pred[keep].cpu(), minlength=k * k).view(k, k).cpu()
-
-    def sync(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            t = self.conf.cuda() if dist.get_backend() == "nccl" else self.conf.clone()
-            dist.all_reduce(t)
-            self.conf = t.cpu()
+        gt, pred = gt.to(self.conf.device), pred.to(self.conf.device)
+        self.conf += torch.bincount(gt[keep] * k + pred[keep], minlength=k * k).view(k, k)
 
     def compute(self) -> dict:
-        conf = self.conf.double().numpy()
+        conf = self.conf.double().cpu().numpy()
         tp = np.diag(conf)
         gt_total, pred_total = conf.sum(1), conf.sum(0)
         union = gt_total + pred_total - tp

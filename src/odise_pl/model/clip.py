@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from odise_pl.model.maskclip import mask_token_embeddings, patch_visibility
@@ -153,9 +154,8 @@ class FrozenCLIP(nn.Module):
         if getattr(visual, "final_ln_after_pool", False):
             tokens = visual.ln_post(tokens)
         tokens = tokens @ visual.proj  # (B, g*g, D)
-        b, n, d = tokens.shape
-        g = int(round(n**0.5))
-        return tokens.transpose(1, 2).reshape(b, d, g, n // g)
+        g = int(round(tokens.shape[1] ** 0.5))
+        return rearrange(tokens, "b (gh gw) d -> b d gh gw", gh=g)
 
     # -- text side ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 
@@ -35,8 +36,7 @@ def patch_visibility(
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
-    b, n, c = x.shape
-    return x.view(b, n, heads, c // heads).transpose(1, 2)
+    return rearrange(x, "b n (h c) -> b h n c", h=heads)
 
 
 def mask_token_embeddings(visual: nn.Module, pixels: Tensor, visible: Tensor) -> Tensor:
@@ -52,7 +52,7 @@ def mask_token_embeddings(visual: nn.Module, pixels: Tensor, visible: Tensor) ->
             f"MaskCLIP needs an open_clip ViT with standard attention blocks; {type(visual).__name__} differs. "
             "Use an OpenAI-style ViT CLIP (e.g. ViT-L-14-336), or model.predictor.clip_side=pooling"
         )
-    x = visual.conv1(pixels.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W)
+    x = rearrange(visual.conv1(pixels.to(visual.conv1.weight.dtype)), "b w gh gw -> b (gh gw) w")
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
     x = visual.ln_pre(torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype))
     b, q = visible.shape[:2]
@@ -70,9 +70,7 @@ def mask_token_embeddings(visual: nn.Module, pixels: Tensor, visible: Tensor) ->
         )
         img_out = F.scaled_dot_product_attention(q_img, k, v)
         mask_out = F.scaled_dot_product_attention(q_mask, k, v, attn_mask=attend)
-        img_out, mask_out = (
-            attn.out_proj(o.transpose(1, 2).reshape(b, -1, width)) for o in (img_out, mask_out)
-        )
+        img_out, mask_out = (attn.out_proj(rearrange(o, "b h n c -> b n (h c)")) for o in (img_out, mask_out))
         x = x + block.ls_1(img_out)
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
         tokens = tokens + block.ls_1(mask_out)

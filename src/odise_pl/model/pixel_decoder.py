@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from odise_pl.model.deform_attn import MSDeformAttn
@@ -122,15 +123,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for lvl, name in enumerate(self.transformer_levels):
             x = self.input_proj[lvl](features[name])
             shapes.append(tuple(x.shape[-2:]))
-            pos.append((self.pe(x) + self.level_embed[lvl].view(1, -1, 1, 1)).flatten(2).transpose(1, 2))
-            srcs.append(x.flatten(2).transpose(1, 2))
+            pos.append(rearrange(self.pe(x) + self.level_embed[lvl][:, None, None], "b c h w -> b (h w) c"))
+            srcs.append(rearrange(x, "b c h w -> b (h w) c"))
         src, pos_all = torch.cat(srcs, 1), torch.cat(pos, 1)
         ref = self.reference_points(shapes, src.device, src.dtype).expand(src.shape[0], -1, -1, -1)
         for layer in self.layers:
             src = layer(src, pos_all, ref, shapes)
-        b = src.shape[0]
         multi_scale = [
-            t.transpose(1, 2).reshape(b, self.conv_dim, h, w)
+            rearrange(t, "b (h w) c -> b c h w", h=h, w=w)
             for t, (h, w) in zip(src.split([h * w for h, w in shapes], 1), shapes)
         ]
         # FPN step to stride 4 from the finest transformer level.

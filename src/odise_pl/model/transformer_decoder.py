@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from odise_pl.model.position_encoding import PositionEmbeddingSine
@@ -172,10 +173,8 @@ class MaskedTransformerDecoder(nn.Module):
         for i in range(self.num_levels):
             x = multi_scale[i]
             sizes.append(tuple(x.shape[-2:]))
-            pos.append(self.pe(x).flatten(2).transpose(1, 2))
-            srcs.append(
-                (self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][None, :, None]).transpose(1, 2)
-            )
+            pos.append(rearrange(self.pe(x), "b c h w -> b (h w) c"))
+            srcs.append(rearrange(self.input_proj[i](x), "b c h w -> b (h w) c") + self.level_embed.weight[i])
         b = mask_features.shape[0]
         with torch.no_grad():
             # CPU bilinear downsampling of an NCHW tensor copies it to channels-last first, per call:
