@@ -3,10 +3,11 @@
 trainable-only checkpoint (.safetensors), then evaluate it with our code:
 
     python scripts/convert_odise_checkpoint.py odise_label_coco_50e-b67d2efc.pth odise_label.safetensors
-    python -m odise_pl.eval experiment=label_1024 ckpt_path=odise_label.safetensors datasets=[ade150,coco]
+    python -m odise_pl.eval ckpt_path=odise_label.safetensors datasets=[ade150,coco]
 
 A caption model (``odise_caption_coco_50e-853cc971.pth``) converts the same way (recognised by its
-objectness head); evaluate it with ``experiment=caption_1024``.
+objectness head). The output carries its model config (``odise_pl/checkpoint_config.py``): evaluation,
+the demo and the notebooks rebuild the right model from the file, with no ``experiment=``.
 
 Every trainable tensor of ours is taken from the file (a file lacking any is an error listing them);
 the file's frozen Stable Diffusion / CLIP weights are skipped (ours load from ``weights.*``) and its
@@ -20,12 +21,14 @@ import sys
 
 from safetensors.torch import save_file
 
+from odise_pl.checkpoint_config import describe, safetensors_metadata
 from odise_pl.convert import (
     convert_state_dict,
     is_caption_checkpoint,
     read_their_checkpoint,
     their_feature_order,
 )
+from odise_pl.data.vocab import dataset_vocab
 from odise_pl.errors import CheckpointError
 
 
@@ -36,10 +39,12 @@ def build_net(experiment: str, overrides: list[str], weights_mode: str = "meta")
     from odise_pl.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
+        cfg = compose("train", overrides=[f"experiment={experiment}", *overrides])
+        shapes_only = compose(
             "train", overrides=[f"experiment={experiment}", f"weights.mode={weights_mode}", *overrides]
         )
-    return hydra.utils.instantiate(cfg.model).net, cfg
+    # cfg (real weights) is what the output describes; shapes_only builds the model to read names / shapes.
+    return hydra.utils.instantiate(shapes_only.model).net, cfg
 
 
 def main(argv=None) -> int:
@@ -80,9 +85,12 @@ def main(argv=None) -> int:
         print(f"not needed: {key}")
     for key in report["unmapped"]:
         print(f"WARNING not a tensor of a released ODISE model, ignored: {key}")
-    save_file(
-        {k: v.contiguous() for k, v in converted.items()}, a.output, metadata={"source": str(a.checkpoint)}
-    )
+    # Self-describing: `python -m odise_pl.eval ckpt_path=OUT` rebuilds this model with no experiment=.
+    desc = describe(cfg, experiment)
+    if cfg.model.train_vocabulary != "dataset":
+        desc["vocabulary"] = dataset_vocab(cfg.model.train_vocabulary).names
+    meta = {"source": str(a.checkpoint), **safetensors_metadata(desc)}
+    save_file({k: v.contiguous() for k, v in converted.items()}, a.output, metadata=meta)
     print(f"wrote {a.output}")
     return 1 if report["unmapped"] else 0
 

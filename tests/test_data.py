@@ -136,7 +136,7 @@ def test_missing_captions_file(copy_root):
     cap.unlink()
     with pytest.raises(DatasetError, match="captions file not found") as err:
         COCOPanopticDataset(root=str(copy_root), split="train")
-    assert str(cap) in str(err.value) and "data.captions=false" in str(err.value)
+    assert str(cap) in str(err.value) and "data.train_dataset.captions=false" in str(err.value)
     assert len(COCOPanopticDataset(root=str(copy_root), split="train", captions=False)) == 12
 
 

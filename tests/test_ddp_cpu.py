@@ -24,13 +24,16 @@ def _run(tmp_path, name, devices, batch, seed=0):
         "callbacks.progress.refresh_rate=0",
         f"paths.root_dir={tmp_path}",
         f"paths.output_dir={out}",
+        f"hydra.run.dir={out}",
         "data.synthetic.num_train=12",
         "data.synthetic.num_val=4",
         "trainer.enable_model_summary=false",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "after training:  PQ" in res.stdout
+    # messages from rank zero only, on the console and in the run's log file
+    assert res.stdout.count("after training:  PQ") == 1
+    assert (out / "train.log").read_text().count("after training:  PQ") == 1
     return torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 

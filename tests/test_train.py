@@ -1,4 +1,6 @@
 import glob
+import logging
+import re
 from pathlib import Path
 
 import hydra
@@ -54,12 +56,17 @@ def test_every_experiment_composes(tmp_path):
         assert cfg.model.net._target_.endswith("ODISE")
 
 
-def test_entry_point_trains_validates_and_saves_trainable_only(tmp_path, capsys):
-    cfg = cfg_for(tmp_path, "callbacks.model_checkpoint.every_n_train_steps=2")
+def test_entry_point_trains_validates_and_saves_trainable_only(tmp_path, caplog):
+    cfg = cfg_for(
+        tmp_path, "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.progress.log_every=2"
+    )
+    caplog.set_level(logging.INFO, logger="odise_pl")
     metrics = train(cfg)
     assert {"val/pq", "val/pq_th", "val/pq_st", "val/miou", "val/ap"} <= set(metrics)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "after training:  PQ " in out and "mIoU " in out and "AP " in out
+    # progress in optimiser steps of max_steps, with the rate and an ETA
+    assert re.search(r"step 2/4 \(50.0%\)  [0-9.]+ s/step  ETA \d\d:\d\d", out), out
     # the resolved config and the code version are logged; sample predictions are rendered
     hparams = next((tmp_path / "out" / "csv").glob("version_*/hparams.yaml")).read_text()
     assert "git_commit" in hparams and "supervision: label" in hparams
@@ -254,7 +261,7 @@ class _RecordLR(L.Callback):
         self.lrs[trainer.global_step] = [g["lr"] for g in trainer.optimizers[0].param_groups]
 
 
-def test_resume_applies_a_new_learning_rate_and_says_so(tmp_path, capsys):
+def test_resume_applies_a_new_learning_rate_and_says_so(tmp_path, caplog):
     """The fix our own non-finite-loss message recommends: resume with a lower model.optimizer.lr."""
 
     def run(out, *overrides, ckpt=None):
@@ -272,17 +279,18 @@ def test_resume_applies_a_new_learning_rate_and_says_so(tmp_path, capsys):
 
     first, _ = run(tmp_path / "a", "trainer.max_steps=2", "model.optimizer.lr=1e-3")
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    capsys.readouterr()
+    caplog.set_level(logging.INFO, logger="odise_pl")
+    caplog.clear()
     resumed, module = run(tmp_path / "b", "trainer.max_steps=4", "model.optimizer.lr=1e-5", ckpt=ckpt)
     schedule = module.trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
     assert sorted(resumed) == [2, 3]
     for step, lrs in resumed.items():
         assert lrs == pytest.approx([1e-5 * schedule(step)] * len(lrs))  # every group, the new rate
-    assert "model.optimizer.lr 0.001 -> 1e-05" in capsys.readouterr().out
+    assert "model.optimizer.lr 0.001 -> 1e-05" in caplog.text
     # unchanged settings: nothing to say, the checkpoint's state is kept
-    capsys.readouterr()
+    caplog.clear()
     run(tmp_path / "c", "trainer.max_steps=3", "model.optimizer.lr=1e-3", ckpt=ckpt)
-    assert "resumed with this run's optimiser settings" not in capsys.readouterr().out
+    assert "resumed with this run's optimiser settings" not in caplog.text
 
 
 @pytest.mark.parametrize("option", ["fdr", "limit", "overfit", "anomaly"])

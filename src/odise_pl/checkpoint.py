@@ -18,9 +18,13 @@ from lightning.fabric.plugins.io import TorchCheckpointIO
 from safetensors.torch import load_file, save
 from torch import nn
 
-from odise_pl.errors import CheckpointError, OdiseError
+from odise_pl.checkpoint_config import read_description, safetensors_metadata
+from odise_pl.errors import CheckpointError, OdiseError, say_error
 from odise_pl.fs import atomic_write, check_writable_file
+from odise_pl.logs import configure_cli, get_logger
 from odise_pl.weights import safe_torch_load
+
+log = get_logger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -185,7 +189,8 @@ def export_safetensors(ckpt_path: str | Path, out: str | Path) -> Path:
         )
     check_writable_file(out)
     state = {k: v.contiguous() for k, v in read_trainable(ckpt_path).items()}
-    atomic_write(out, lambda f: f.write(save(state)))
+    meta = safetensors_metadata(read_description(ckpt_path))
+    atomic_write(out, lambda f: f.write(save(state, metadata=meta or None)))
     return out
 
 
@@ -196,12 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("ckpt")
     p.add_argument("out")
     a = p.parse_args(argv)
+    configure_cli()
     try:
         out = export_safetensors(a.ckpt, a.out)
     except OdiseError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(str(err))
         return 2
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
     return 0
 
 

@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from odise_pl.errors import CheckpointError
 
@@ -140,9 +141,10 @@ def _stub(name: str) -> type:
     return type(qual, (), {"__module__": module, "__setstate__": lambda self, state: None})
 
 
-def read_their_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+def read_their_checkpoint(path: str | Path, progress: bool = True) -> dict[str, torch.Tensor]:
     """The model state dict of a detectron2 checkpoint, loaded with ``weights_only=True``; non-tensor
     objects beside it (detectron2 metadata) become inert placeholders. Non-tensor entries are dropped.
+    ``progress``: a bar of the bytes read, with the rate (released files are several GB).
     """
     path = Path(path)
     if not path.is_file():
@@ -150,8 +152,22 @@ def read_their_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     allowed: list = []
     for _ in range(50):
         try:
-            with torch.serialization.safe_globals(allowed):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            with (
+                open(path, "rb") as raw,
+                tqdm.wrapattr(
+                    raw,
+                    "read",
+                    total=path.stat().st_size,
+                    desc=f"reading {path.name}",
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    disable=not progress,
+                    leave=False,
+                ) as f,
+                torch.serialization.safe_globals(allowed),
+            ):
+                ckpt = torch.load(f, map_location="cpu", weights_only=True)
             break
         except Exception as err:  # UnpicklingError for a foreign global, RuntimeError for a broken zip
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))

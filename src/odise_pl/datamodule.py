@@ -75,6 +75,25 @@ def collate(items: list[dict], size_divisibility: int = 64) -> dict:
     return batch
 
 
+def sharded_loader(
+    dataset, trainer: L.Trainer | None, batch_size: int, num_workers: int, size_divisibility: int
+) -> DataLoader:
+    """An evaluation loader of this process's images: rank, rank + world, ... Every image is
+    evaluated exactly once (a DistributedSampler pads with repeats, which the metrics would count
+    twice); the metrics synchronise their states across processes.
+    """
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    return DataLoader(
+        torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world))),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        collate_fn=functools.partial(collate, size_divisibility=size_divisibility),
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
 def _drop_crowd(item: dict) -> dict:
     # PARITY with Mask2Former's COCO panoptic mapper: crowd regions are not training targets.
     return select_segments(item, ~item["iscrowd"])
@@ -191,16 +210,6 @@ class ODISEDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        # Each process takes images rank, rank + world, ...: every image is evaluated exactly once
-        # (a DistributedSampler would pad with repeats, which the evaluators would count twice).
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        subset = torch.utils.data.Subset(self.val_set, list(range(rank, len(self.val_set), world)))
-        return DataLoader(
-            subset,
-            batch_size=self.val_batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=functools.partial(collate, size_divisibility=self.size_divisibility),
-            pin_memory=torch.cuda.is_available(),
+        return sharded_loader(
+            self.val_set, self.trainer, self.val_batch_size, self.num_workers, self.size_divisibility
         )

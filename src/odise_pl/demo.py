@@ -1,7 +1,7 @@
 """Segment your own image with any vocabulary (a command line over :mod:`odise_pl.inference.segment`).
 
 ``python -m odise_pl.demo --image IMG [--vocab "cat;dog,puppy;grass"] [--vocab-file F]
-[--dataset-vocab coco,ade150,lvis] --output OUT_DIR [--checkpoint CKPT] [--experiment tiny]``
+[--dataset-vocab coco,ade150,lvis] --output OUT_DIR [--checkpoint CKPT] [--experiment NAME]``
 
 Writes ``OUT_DIR/NAME_overlay.png`` (labelled segments over the image), ``NAME_panoptic.png`` +
 ``NAME_panoptic.json`` (COCO panoptic format; category ids are the vocabulary's) and prints the
@@ -20,6 +20,9 @@ from odise_pl.data.io import load_image
 from odise_pl.errors import report_user_error
 from odise_pl.fs import check_writable_dir
 from odise_pl.inference.segment import build_vocabulary, load_model, segment_image, write_outputs
+from odise_pl.logs import configure_cli, get_logger
+
+log = get_logger(__name__)
 
 
 def positive_int(text: str) -> int:
@@ -43,9 +46,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         module, image, vocab, short_edge=args.short_edge or cfg.data.val_transform.short_edge, mode=args.mode
     )
     info = write_outputs(out_dir, Path(args.image).stem, image, ids, segments, vocab)
-    print(f"{len(info)} segments ({len(vocab)} categories) -> {out_dir}")
+    log.info("%d segments (%d categories) -> %s", len(info), len(vocab), out_dir)
     for s in info:
-        print(f"  {s['id']:3d}  {s['category']:<24s} score {s['score']:.3f}  area {s['area']}")
+        log.info("  %3d  %-24s score %.3f  area %d", s["id"], s["category"], s["score"], s["area"])
     return info
 
 
@@ -61,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--checkpoint", help="trained weights (.ckpt or .safetensors)")
-    p.add_argument("--experiment", default="tiny", help="experiment config the checkpoint was trained with")
+    p.add_argument(
+        "--experiment",
+        help="experiment config of the model (default: the checkpoint's own, stored in it; tiny without one)",
+    )
     p.add_argument(
         "--mode", choices=["ensemble", "diffusion", "clip"], help="classification (default: the config's)"
     )
@@ -70,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "--override", action="append", default=[], help="extra Hydra override, e.g. weights.mode=random"
     )
     args = p.parse_args(argv)
+    configure_cli()
     try:
         run(args)
     except Exception as err:

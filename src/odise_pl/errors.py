@@ -9,6 +9,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 
 
@@ -66,8 +67,17 @@ def report_user_error(err: BaseException) -> bool:
     # A DataLoader worker's re-raised error carries the worker's traceback after the message.
     if "Original Traceback" in message:
         message = message.strip().splitlines()[-1].split(": ", 1)[-1]
-    print(f"error: {message}", file=sys.stderr)
+    say_error(message)
     return True
+
+
+def say_error(message: str) -> None:
+    """A command line's last word, ``error: <message>``, on stderr. The one ``print`` of the
+    package: this line is the command's contract with shells and schedulers, which read stderr
+    whatever logging is configured (Hydra sends log records to stdout and the run's log file).
+    """
+    logging.getLogger("odise_pl").debug("error: %s", message)  # into the run's log file as well
+    print(f"error: {message}", file=sys.stderr)
 
 
 def exit_on_user_error(fn):

@@ -7,24 +7,26 @@ writes ``results.md`` and ``results.json`` to the run folder.
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import hydra
+import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
+from odise_pl.callbacks.progress import StepProgressBar
 from odise_pl.checkpoint import load_trainable
+from odise_pl.checkpoint_config import resolve_from_checkpoint
 from odise_pl.config import CONFIG_DIR, check_config
 from odise_pl.data.transforms import ResizeShortestEdge
 from odise_pl.data.vocab import Vocabulary, dataset_vocab
-from odise_pl.datamodule import collate
 from odise_pl.errors import exit_on_user_error
-from odise_pl.evaluation.runner import compute_evaluators, make_evaluators, update_evaluators
+from odise_pl.evaluation.lit_eval import EvalDataModule, OpenVocabEvaluation
 from odise_pl.inference.predictor import Predictor
+from odise_pl.logs import get_logger
+
+log = get_logger(__name__)
 
 COLUMNS = (("pq", "PQ"), ("pq_th", "PQ th"), ("pq_st", "PQ st"), ("ap", "AP"), ("miou", "mIoU"))
 
@@ -54,17 +56,20 @@ def dataset_vocabulary(entry: DictConfig, dataset) -> Vocabulary:
 
 
 def evaluate_dataset(
+    trainer: L.Trainer,
     predictor: Predictor,
     entry: DictConfig,
-    device,
+    loader: DictConfig,
     max_images: int | None,
     divisibility: int,
     train_vocab: list[list[str]] | None = None,
 ) -> dict:
-    """Run one dataset entry of ``conf/datasets``; returns metrics in %.
+    """Run one dataset entry of ``conf/datasets`` through Lightning's test loop; returns metrics in %.
 
     Seen categories (Eq. 10) are ``train_vocab``'s; without one, a dataset evaluated with its own
     category names (vocabulary null, e.g. the training set's val split) counts as all seen.
+    ``loader``: ``batch_size`` and ``num_workers`` (images of a batch are padded to a common size,
+    as detectron2 batches them: batch 1 is the reference setting).
     """
     transform = ResizeShortestEdge(entry.short_edge, entry.max_size)
     dataset = hydra.utils.instantiate(entry.dataset, transform=transform)
@@ -74,19 +79,32 @@ def evaluate_dataset(
     )
     if max_images:
         dataset.items = dataset.items[:max_images]
-    evaluators = make_evaluators(vocab.names, vocab.isthing, tuple(entry.tasks))
-    loader = DataLoader(
-        dataset,
-        batch_size=1,
-        num_workers=2,
-        collate_fn=functools.partial(collate, size_divisibility=divisibility),
+    module = OpenVocabEvaluation(predictor, vocab.names, vocab.isthing, tuple(entry.tasks))
+    data = EvalDataModule(dataset, loader.batch_size, loader.num_workers, divisibility)
+    log.info("%s: %d images, %d categories", entry.title, len(dataset), len(vocab))
+    trainer.test(module, datamodule=data, verbose=False)
+    return module.results
+
+
+def eval_trainer(cfg: DictConfig) -> L.Trainer:
+    """The ``trainer=`` choice set up for evaluation. ``device=auto`` runs a single-device CPU
+    trainer (the default) on the GPU when there is one; ``cpu`` / ``cuda`` force it.
+    """
+    overrides: dict = {}
+    single = str(cfg.trainer.get("devices", 1)) == "1" and "strategy" not in cfg.trainer
+    if cfg.device == "cuda" or (cfg.device == "auto" and single and torch.cuda.is_available()):
+        overrides["accelerator"] = "gpu"
+    elif cfg.device == "cpu":
+        overrides["accelerator"] = "cpu"
+    progress = StepProgressBar(refresh_rate=1, log_every=0)  # the test bar: images / s, ETA
+    return hydra.utils.instantiate(
+        cfg.trainer,
+        logger=False,
+        callbacks=[progress],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        **overrides,
     )
-    for batch in tqdm(loader, desc=entry.title, leave=False):
-        images = batch["images"].to(device)
-        preds = predictor(images, batch["meta"], vocab.names, vocab.isthing, tasks=tuple(entry.tasks))
-        for p, t, m in zip(preds, batch["targets"], batch["meta"]):
-            update_evaluators(evaluators, p, t, m)
-    return compute_evaluators(evaluators)
 
 
 def results_table(results: dict, papers: dict, supervision: str) -> str:
@@ -110,36 +128,48 @@ def results_table(results: dict, papers: dict, supervision: str) -> str:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Build the model from ``cfg``, load the checkpoint, evaluate every dataset."""
+    """Build the model from ``cfg`` (or from the checkpoint's own description), load the
+    checkpoint, evaluate every dataset; results are written by the first process.
+    """
+    cfg, desc = resolve_from_checkpoint(cfg, cfg.ckpt_path, "eval")
     check_config(cfg)
     torch.manual_seed(cfg.seed)
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
+    trainer = eval_trainer(cfg)
     module = hydra.utils.instantiate(cfg.model)
     if cfg.ckpt_path:
         load_trainable(module.net, cfg.ckpt_path)
-    net = module.net.to(device).eval()
+    net = module.net.eval()
     source = cfg.get("train_vocabulary") or module.train_vocabulary
-    train_vocab = None if source == "dataset" else dataset_vocab(source).names
+    if cfg.get("train_vocabulary") is None and desc and desc.get("vocabulary"):
+        train_vocab = desc["vocabulary"]  # exactly what the checkpoint was trained on
+    else:
+        train_vocab = None if source == "dataset" else dataset_vocab(source).names
     predictor = module.make_predictor(train_vocab)
     results, papers = {}, {}
     for entry in cfg.datasets.values():
         results[entry.title] = evaluate_dataset(
-            predictor, entry, device, cfg.get("max_images"), net.size_divisibility, train_vocab
+            trainer, predictor, entry, cfg.loader, cfg.get("max_images"), net.size_divisibility, train_vocab
         )
         papers[entry.title] = OmegaConf.to_container(entry.paper, resolve=True)
     table = results_table(results, papers, module.supervision)
-    print(table)
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(
-        json.dumps({"results": results, "paper": papers, "ckpt_path": cfg.ckpt_path}, indent=2, default=float)
-    )
-    print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    if trainer.is_global_zero:
+        log.info("%s", table)
+        out = Path(cfg.paths.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text(table + "\n")
+        (out / "results.json").write_text(
+            json.dumps(
+                {
+                    "results": results,
+                    "paper": papers,
+                    "ckpt_path": cfg.ckpt_path,
+                    "processes": trainer.world_size,
+                },
+                indent=2,
+                default=float,
+            )
+        )
+        log.info("wrote %s and %s", out / "results.md", out / "results.json")
     return results
 
 

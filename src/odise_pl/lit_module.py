@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from odise_pl.checkpoint_config import KEY
 from odise_pl.data.vocab import dataset_vocab, training_vocabulary
 from odise_pl.errors import CheckpointError
 from odise_pl.evaluation.runner import compute_evaluators, make_evaluators, update_evaluators
@@ -71,6 +72,7 @@ class ODISELitModule(L.LightningModule):
         self.isthing: list[bool] | None = None
         self.evaluators = torch.nn.ModuleDict()
         self.nonfinite_terms: list[str] = []  # of the last skipped step (callbacks.nonfinite reports them)
+        self.description: dict | None = None  # odise_pl.checkpoint_config.describe(cfg), set by train
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self.trainer is not None else None
@@ -169,6 +171,8 @@ class ODISELitModule(L.LightningModule):
         # Point sampling in the matcher / criterion draws from these: a resumed run continues exactly.
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         checkpoint["rng"] = {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
+        if self.description is not None:  # the file rebuilds its model alone (checkpoint_config.py)
+            checkpoint[KEY] = {**self.description, "vocabulary": self.vocabulary, "isthing": self.isthing}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         frozen = self._frozen_prefixes()

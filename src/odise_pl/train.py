@@ -22,9 +22,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from odise_pl.callbacks.preemption import SaveOnPreemption
 from odise_pl.callbacks.training_guards import BadSampleReport, ConfiguredOptimizerOnResume
 from odise_pl.checkpoint import AtomicCheckpointIO, describe_mismatch, read_checkpoint
+from odise_pl.checkpoint_config import describe
 from odise_pl.config import CONFIG_DIR, check_config
-from odise_pl.errors import CheckpointError, exit_on_user_error
+from odise_pl.errors import CheckpointError, exit_on_user_error, say_error
 from odise_pl.fs import RunLock, remove_stale_partials
+from odise_pl.logs import get_logger
+
+log = get_logger(__name__)
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list:
@@ -136,13 +140,22 @@ def check_resume(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict:
     """Train (and validate) per ``cfg``; returns the final validation metrics."""
-    print(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("%s", OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.get("expected_duration"):
+        log.info("expected duration: %s", cfg.expected_duration)
     torch.set_float32_matmul_precision("high")
     out = Path(cfg.paths.output_dir)
     # One run per folder: a second run with the same output folder is refused before anything is built.
     lock = RunLock(out) if getattr(rank_zero_only, "rank", 0) == 0 else None
     try:
         remove_stale_partials(out / "checkpoints")  # a killed write's temporary file
+        last = out / "checkpoints" / "last.ckpt"
+        if not cfg.get("ckpt_path") and cfg.get("auto_resume") and last.is_file():
+            # This folder's own run was stopped (a requeued SLURM job lands in the same folder).
+            log.info(
+                "resuming from %s (this run folder's last checkpoint; auto_resume=false starts over)", last
+            )
+            cfg.ckpt_path = str(last)
         if cfg.get("ckpt_path"):
             check_resume(cfg)
             folder = Path(cfg.ckpt_path).parent
@@ -156,6 +169,7 @@ def train(cfg: DictConfig) -> dict:
 
 def _train(cfg: DictConfig) -> dict:
     datamodule, module, trainer = build(cfg)
+    module.description = describe(cfg)
     # The resolved config and the code version, with every run.
     hparams = {"config": OmegaConf.to_container(cfg, resolve=True), "git_commit": git_commit()}
     for logger in trainer.loggers:
@@ -163,12 +177,12 @@ def _train(cfg: DictConfig) -> dict:
     before = {}
     if cfg.get("validate_before_training"):
         before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-        print(f"before training: {format_metrics(before)}")
+        log.info("before training: %s", format_metrics(before))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     if before:
-        print(f"before training: {format_metrics(before)}")
-    print(f"after training:  {format_metrics(metrics)}")
+        log.info("before training: %s", format_metrics(before))
+    log.info("after training:  %s", format_metrics(metrics))
     if trainer.is_global_zero:  # for scripts/collect_runs.py and other tooling
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +198,7 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except SIGTERMException:
         last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        print(f"error: stopped by SIGTERM; saved {last}: resume with ckpt_path={last}", file=sys.stderr)
+        say_error(f"stopped by SIGTERM; saved {last}: resume with ckpt_path={last}")
         sys.exit(143)  # 128 + SIGTERM: the scheduler sees the job did not finish
     # Multiruns execute jobs in this process: free the finished job's model now (trainer <-> module
     # reference cycles would otherwise keep a 1.5B-parameter model alive into the next job).

@@ -1,5 +1,6 @@
 """data.on_bad_sample: raise names the file and the fix; skip trains on and reports the count."""
 
+import logging
 import shutil
 
 import pytest
@@ -29,8 +30,9 @@ def test_raise_names_the_file_and_the_fix(corrupt_root, tmp_path):
         trainer.fit(module, datamodule=datamodule)
 
 
-def test_skip_counts_and_reports(corrupt_root, tmp_path, capsys):
+def test_skip_counts_and_reports(corrupt_root, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="odise_pl")
     with pytest.warns(UserWarning, match="skipping a bad sample"):
         train(cfg_for(tmp_path, *overrides(corrupt_root), "data.on_bad_sample=skip"))
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "skipped" in out and "bad training samples" in out

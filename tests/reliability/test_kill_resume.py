@@ -105,3 +105,14 @@ def test_sigterm_saves_last_ckpt_exits_143_and_resumes_exactly(tmp_path, referen
     start = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert 2 <= start < STEPS
     _resume_matches(tmp_path, last, reference, start)
+    # The same command again in the same folder (a requeued SLURM job): auto_resume continues it.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming from {last}" in again.stdout
+    newest = max((stopped / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+    after = {
+        int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(open(newest)) if r.get("train/loss")
+    }
+    assert sorted(after) and min(after) >= start
+    for step, loss in after.items():
+        assert abs(loss - reference[step]) <= 1e-5 * abs(reference[step]), (step, loss, reference[step])

@@ -9,6 +9,10 @@ import warnings
 import lightning as L
 import torch
 
+from odise_pl.logs import get_logger
+
+log = get_logger(__name__)
+
 
 class NonFiniteLossMonitor(L.Callback):
     """Counts the steps the LightningModule skipped for a NaN / inf loss (its ``training_step``
@@ -60,8 +64,9 @@ class BadSampleReport(L.Callback):
         if trainer.world_size > 1:
             total = trainer.strategy.reduce(total.to(pl_module.device), reduce_op="sum").cpu()
         if trainer.is_global_zero and total > 0:
-            print(
-                f"skipped {int(total)} bad training samples (data.on_bad_sample=skip); see the warnings above"
+            log.warning(
+                "skipped %d bad training samples (data.on_bad_sample=skip); see the warnings above",
+                int(total),
             )
 
 
@@ -89,6 +94,7 @@ class ConfiguredOptimizerOnResume(L.Callback):
                 changed.add(f"weight decay {group['weight_decay']:g} -> {wd:g}")
                 group["weight_decay"] = wd
         if changed and trainer.is_global_zero:
-            print(
-                f"resumed with this run's optimiser settings: {', '.join(sorted(changed))} (the checkpoint's differ)"
+            log.info(
+                "resumed with this run's optimiser settings: %s (the checkpoint's differ)",
+                ", ".join(sorted(changed)),
             )

@@ -168,7 +168,7 @@ def main() -> None:
     for line in sys.stdin:
         line = line.strip()
         if line:
-            print(" | ".join(extract_nouns(line)))
+            sys.stdout.write(" | ".join(extract_nouns(line)) + "\n")  # the command's output, not a message
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ from PIL import Image, ImageDraw
 
 from odise_pl.data.io import ids_to_rgb
 from odise_pl.errors import DatasetError
+from odise_pl.logs import configure_cli, get_logger
+
+log = get_logger(__name__)
 
 THINGS = [(1, "circle"), (2, "square"), (3, "triangle")]
 # Non-contiguous stuff ids, as in COCO, so the reader's contiguous mapping is exercised.
@@ -240,8 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-val", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    configure_cli()
     write_dataset(args.out, args.num_train, args.num_val, args.seed)
-    print(f"wrote {args.num_train} train + {args.num_val} val images in COCO panoptic format to {args.out}")
+    log.info(
+        "wrote %d train + %d val images in COCO panoptic format to %s", args.num_train, args.num_val, args.out
+    )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ import torch
 from torchmetrics import Metric
 
 from odise_pl.data.io import read_ids
-from odise_pl.errors import PanopticEvalError
+from odise_pl.errors import PanopticEvalError, say_error
+from odise_pl.logs import configure_cli, get_logger
+
+log = get_logger(__name__)
 
 # Per-category statistics columns.
 IOU, TP, FP, FN = range(4)
@@ -303,20 +306,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="write COCO-API-shaped results JSON here")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     a = p.parse_args(argv)
+    configure_cli()
     for path in (a.gt_json, a.pred_json):
         if not Path(path).is_file():
-            print(f"error: file not found: {path}", file=sys.stderr)
+            say_error(f"file not found: {path}")
             return 2
     for path in (a.gt_folder, a.pred_folder):
         if not Path(path).is_dir():
-            print(f"error: folder not found: {path}", file=sys.stderr)
+            say_error(f"folder not found: {path}")
             return 2
     try:
         results = evaluate_files(a.gt_json, a.gt_folder, a.pred_json, a.pred_folder, a.workers)
     except (PanopticEvalError, FileNotFoundError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(str(err))
         return 2
-    print(format_table(results))
+    log.info(format_table(results))
     if a.output:
         with open(a.output, "w") as f:
             json.dump(results, f, indent=2)

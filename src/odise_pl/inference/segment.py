@@ -46,17 +46,28 @@ def build_vocabulary(
     return out
 
 
-def load_model(experiment: str = "tiny", checkpoint: str | None = None, overrides: list[str] | tuple = ()):
+def load_model(
+    experiment: str | None = None, checkpoint: str | None = None, overrides: list[str] | tuple = ()
+):
     """(LightningModule, cfg) composed like training (``conf/train.yaml`` with ``experiment=``
     and ``overrides``), with the trainable weights of ``checkpoint`` if given, in eval mode.
+
+    A self-describing checkpoint (:mod:`odise_pl.checkpoint_config`) brings its own model config:
+    ``experiment`` and model overrides are then needed only to contradict it, which is an error
+    naming both values. Without a checkpoint ``experiment`` defaults to ``tiny``.
     """
     import hydra
     from hydra import compose, initialize_config_dir
 
     from odise_pl.checkpoint import load_trainable
+    from odise_pl.checkpoint_config import apply_description, read_description
 
+    desc = read_description(checkpoint) if checkpoint else None
+    chosen = [f"experiment={experiment}"] if experiment else []
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}", "paths.output_dir=.", *overrides])
+        cfg = compose("train", overrides=[*chosen, "paths.output_dir=.", *overrides])
+        if desc is not None:
+            cfg = apply_description(cfg, compose("train", overrides=["paths.output_dir=."]), desc, checkpoint)
     torch.manual_seed(cfg.seed)
     module = hydra.utils.instantiate(cfg.model)
     if checkpoint:

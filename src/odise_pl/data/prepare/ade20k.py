@@ -110,7 +110,7 @@ def prepare_ade20k(root: str | Path, splits: tuple[str, ...] = ("validation",)) 
         pan_dir.mkdir(exist_ok=True)
         d2_dir.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
-        for k, img in enumerate(tqdm(sorted(img_dir.glob("*.jpg")), desc=f"ADE20K {split}")):
+        for k, img in enumerate(tqdm(sorted(img_dir.glob("*.jpg")), desc=f"ADE20K {split}", unit="image")):
             sem = np.asarray(
                 Image.open(need(sem_dir / f"{img.stem}.png", "semantic annotation")), dtype=np.int64
             )

@@ -213,7 +213,7 @@ def prepare_ade20k_full(
             for folder, name in zip(index["folder"], index["filename"])
             if name.split("_")[1] == ADE_SPLITS[split]
         ]
-        for folder, name in tqdm(todo, desc=f"ADE20K-full {split}"):
+        for folder, name in tqdm(todo, desc=f"ADE20K-full {split}", unit="image"):
             # `folder` starts at the release folder (ADE20K_2021_17_01/images/ADE/...).
             parts = Path(folder).parts
             rel = Path(*parts[1:]) if parts and parts[0] == root.name else Path(folder)

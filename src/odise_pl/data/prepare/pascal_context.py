@@ -41,7 +41,7 @@ def prepare_pascal_context(
     for d in (img_out, full_out, small_out):
         d.mkdir(parents=True, exist_ok=True)
     lut59 = pc59_from_459()
-    for n in tqdm(names, desc="Pascal Context"):
+    for n in tqdm(names, desc="Pascal Context", unit="image"):
         copy_image(need(within(voc2010 / "JPEGImages", f"{n}.jpg"), "VOC2010 image"), img_out)
         mat = loadmat(str(need(within(labels_dir, f"{n}.mat"), "Pascal Context label")))
         if "LabelMap" not in mat:

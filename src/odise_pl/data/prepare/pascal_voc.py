@@ -21,7 +21,7 @@ def prepare_pascal_voc(voc2012: str | Path, out: str | Path, split: str = "val")
     img_out, lab_out = out / "images" / "validation", out / "annotations_pascal21" / "validation"
     img_out.mkdir(parents=True, exist_ok=True)
     lab_out.mkdir(parents=True, exist_ok=True)
-    for n in tqdm(names, desc="Pascal VOC"):
+    for n in tqdm(names, desc="Pascal VOC", unit="image"):
         copy_image(need(within(voc2012 / "JPEGImages", f"{n}.jpg"), "VOC image"), img_out)
         with Image.open(need(within(voc2012 / "SegmentationClass", f"{n}.png"), "VOC label")) as im:
             lab = np.asarray(im)  # palette indices are the class ids

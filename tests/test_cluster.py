@@ -1,0 +1,124 @@
+"""Sweeps at cluster scale: the SLURM launcher's config, a 2-point sweep through submitit's local
+executor, and W&B runs named after their experiment that a resumed run continues."""
+
+import json
+import os
+import subprocess
+import sys
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from odise_pl.config import CONFIG_DIR
+from odise_pl.loggers import ID_FILE, names_for, run_id
+
+FAST = [
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=1000",
+    "data.num_workers=0",
+    "data.batch_size=2",
+    "data.synthetic.num_train=4",
+    "data.synthetic.num_val=2",
+    "callbacks.progress.refresh_rate=0",
+    "trainer.enable_model_summary=false",
+]
+
+
+def test_slurm_launcher_takes_nodes_gpus_time_partition_from_config():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "hydra/launcher=slurm",
+                "trainer=ddp",
+                "trainer.num_nodes=2",
+                "hydra.launcher.gpus_per_node=4",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.timeout_min=60",
+            ],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    # one DDP job per sweep point: a task per GPU on each of trainer.num_nodes nodes
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
+    assert (launcher.partition, launcher.timeout_min, launcher.max_num_timeout) == ("gpu", 60, 3)
+    assert launcher.signal_delay_s > 0  # SIGTERM before the limit: SaveOnPreemption writes last.ckpt
+    # the values the launcher hands to submitit are all known to it
+    from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+
+    assert set(OmegaConf.to_container(launcher)) <= set(OmegaConf.structured(SlurmQueueConf)) | {"_target_"}
+
+
+def test_two_point_sweep_through_submitit(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "odise_pl.train",
+        "-m",
+        "hydra/launcher=local",
+        "model.optimizer.lr=1e-3,2e-3",
+        *FAST,
+        f"paths.root_dir={tmp_path}",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun" / "train").iterdir()
+    points = sorted(p for p in sweep.iterdir() if p.name.isdigit())
+    assert [p.name for p in points] == ["0", "1"]
+    for point, lr in zip(points, ("0.001", "0.002")):
+        assert "pq" in " ".join(json.loads((point / "metrics.json").read_text()))
+        assert f"lr: {lr}" in (point / ".hydra" / "config.yaml").read_text().replace("1.0e-3", "0.001")
+    assert list((sweep / ".submitit").iterdir())  # the jobs' submitit records
+
+
+def test_wandb_names_come_from_the_experiment_and_the_overrides():
+    name, group, tags = names_for(
+        {
+            "experiment": "caption_512",
+            "overrides": ["captioner=empty", "seed=1"],
+            "sweep": "2026-12-01_10-00-00",
+        }
+    )
+    assert name == "caption_512 captioner=empty seed=1"
+    assert group == "caption_512/2026-12-01_10-00-00"
+    assert tags == ["caption_512", "train", "captioner=empty", "seed=1"]
+    assert names_for({"experiment": None, "overrides": []}, "eval") == ("eval", "eval", ["eval"])
+
+
+def test_wandb_id_is_kept_in_the_run_folder(tmp_path):
+    first = tmp_path / "run1"
+    rid = run_id(first)
+    assert (first / ID_FILE).read_text().strip() == rid
+    assert run_id(first) == rid  # a requeued job: the same folder, the same W&B run
+    # resumed with ckpt_path= into a new folder: the checkpoint's run's id, now kept here too
+    second = tmp_path / "run2"
+    assert run_id(second, first / "checkpoints" / "last.ckpt") == rid
+    assert (second / ID_FILE).read_text().strip() == rid
+    assert run_id(tmp_path / "run3") != rid
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env.pop("WANDB_API_KEY", None)
+
+    def train(out, *extra):
+        cmd = [sys.executable, "-m", "odise_pl.train", "logger=wandb", *FAST, f"paths.root_dir={tmp_path}"]
+        cmd += [f"paths.output_dir={out}", f"hydra.run.dir={out}", "seed=3", *extra]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return (out / ID_FILE).read_text().strip(), res.stdout
+
+    rid, out1 = train(tmp_path / "a")
+    (line,) = [x for x in out1.splitlines() if x.startswith("W&B run ")]
+    assert line.startswith("W&B run tiny trainer.max_steps=2 ") and line.endswith(
+        f"seed=3 (id {rid}, group tiny)"
+    )
+    assert "logger=" not in line and "callbacks." not in line and "num_workers" not in line
+    runs = list((tmp_path / "a" / "wandb").glob(f"offline-run-*-{rid}"))
+    assert runs, sorted(p.name for p in (tmp_path / "a").rglob("*"))[:20]
+    resumed, _ = train(
+        tmp_path / "b", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=3"
+    )
+    assert resumed == rid
+    assert list((tmp_path / "b" / "wandb").glob(f"offline-run-*-{rid}"))
