@@ -28,8 +28,19 @@ data: setup ## write the synthetic COCO-panoptic dataset to $(DATA)
 train: setup ## train the default experiment (tiny models, synthetic data, CPU) end to end
 	$(PY) -m odise_pl.train $(ARGS)
 
-test: setup ## run the default (fast) test suite
+test: setup browser ## run the default (fast) test suite
 	$(PY) -m pytest -q $(ARGS)
+
+# Debian's chromium + its driver, for the web demo's browser test (tests/test_app.py); best effort:
+# without them (no root, no apt) that one test is skipped and says how to get them.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+browser: ## install chromium + chromium-driver (apt) for the web demo's browser test
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "warning: could not install chromium + chromium-driver; tests/test_app.py's browser test will be skipped"
+
+app: setup ## the web demo (Gradio) on http://127.0.0.1:7860
+	$(PY) -m odise_pl.app $(ARGS)
 
 test-slow: setup ## run the slow tests too (full-size random-weight models; minutes, lots of RAM)
 	$(PY) -m pytest -q -m "slow" $(ARGS)
@@ -58,4 +69,4 @@ format: setup ## apply ruff formatting and fixes
 clean: ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun logs lightning_logs .pytest_cache
 
-.PHONY: help setup data train test test-slow smoke-full bench lint format clean
+.PHONY: help setup data train test test-slow smoke-full bench lint format clean browser app

@@ -10,7 +10,7 @@ from pathlib import Path
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = {"nltk"}  # imported only when installed (the `nouns` extra)
+OPTIONAL = {"nltk", "gradio"}  # extras: `nouns` (imported only when installed), `app` (the web demo)
 
 
 def _norm(name: str) -> str:
