@@ -7,6 +7,7 @@ Nothing here unpickles code: ``torch.load(weights_only=True)`` or safetensors on
 from __future__ import annotations
 
 import argparse
+import random
 import re
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from lightning.fabric.plugins.io import TorchCheckpointIO
 from safetensors.torch import load_file, save
 from torch import nn
 
-from odise_pl.checkpoint_config import read_description, safetensors_metadata
+from odise_pl.checkpoint_config import KEY, read_description, safetensors_metadata
 from odise_pl.errors import CheckpointError, OdiseError, say_error
 from odise_pl.fs import atomic_write, check_writable_file
 from odise_pl.logs import configure_cli, get_logger
@@ -192,6 +193,47 @@ def export_safetensors(ckpt_path: str | Path, out: str | Path) -> Path:
     meta = safetensors_metadata(read_description(ckpt_path))
     atomic_write(out, lambda f: f.write(save(state, metadata=meta or None)))
     return out
+
+
+class TrainableOnlyCheckpoints:
+    """LightningModule hooks (a mixin of :class:`~odise_pl.lit_module.ODISELitModule`): a checkpoint
+    holds the trainable weights only (1.5B frozen parameters are rebuilt from their sources), the RNG
+    state (point sampling in the matcher and criterion draws from it: a resumed run continues
+    exactly) and, once training set it, the model's description (:mod:`odise_pl.checkpoint_config`).
+    Loading requires every trainable weight of the module.
+    """
+
+    def _frozen_prefixes(self) -> tuple[str, ...]:
+        return tuple(f"net.{p}" for p in self.net.frozen_prefixes())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        frozen = self._frozen_prefixes()
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)
+        }
+        # Point sampling in the matcher / criterion draws from these: a resumed run continues exactly.
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
+        # the file rebuilds its model alone (checkpoint_config.py)
+        if getattr(self, "description", None) is not None:
+            checkpoint[KEY] = {**self.description, "vocabulary": self.vocabulary, "isthing": self.isthing}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        frozen = self._frozen_prefixes()
+        missing = sorted(
+            {k for k in self.state_dict() if not k.startswith(frozen)} - set(checkpoint["state_dict"])
+        )
+        if missing:
+            raise CheckpointError(
+                f"checkpoint lacks {len(missing)} trained weights of this model (e.g. {missing[:3]}); "
+                "it was written by a different model configuration"
+            )
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            random.setstate(rng["python"])
 
 
 def main(argv: list[str] | None = None) -> int:

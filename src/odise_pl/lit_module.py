@@ -7,7 +7,6 @@ optimiser set-up (``optim.py``) and inference (``inference/``) do; run guards ar
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from typing import Literal
 
@@ -15,9 +14,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from odise_pl.checkpoint_config import KEY
+from odise_pl.checkpoint import TrainableOnlyCheckpoints
 from odise_pl.data.vocab import dataset_vocab, training_vocabulary
-from odise_pl.errors import CheckpointError
 from odise_pl.evaluation.runner import compute_evaluators, make_evaluators, update_evaluators
 from odise_pl.inference.predictor import Predictor
 from odise_pl.loss.criterion import SetCriterion
@@ -27,7 +25,7 @@ from odise_pl.model.odise import ODISE, to_unit
 from odise_pl.optim import param_groups
 
 
-class ODISELitModule(L.LightningModule):
+class ODISELitModule(TrainableOnlyCheckpoints, L.LightningModule):
     """Training / validation of ODISE.
 
     Args:
@@ -158,35 +156,3 @@ class ODISELitModule(L.LightningModule):
         # Evaluators synchronise across processes themselves; the values are already global.
         for k, v in compute_evaluators(self.evaluators).items():
             self.log(f"val/{k}", v, prog_bar=k in ("pq", "miou", "ap"), sync_dist=False)
-
-    # -- checkpoints: trainable weights only, and the RNG state ------------------------------------
-    def _frozen_prefixes(self) -> tuple[str, ...]:
-        return tuple(f"net.{p}" for p in self.net.frozen_prefixes())
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        frozen = self._frozen_prefixes()
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)
-        }
-        # Point sampling in the matcher / criterion draws from these: a resumed run continues exactly.
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        checkpoint["rng"] = {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
-        if self.description is not None:  # the file rebuilds its model alone (checkpoint_config.py)
-            checkpoint[KEY] = {**self.description, "vocabulary": self.vocabulary, "isthing": self.isthing}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        frozen = self._frozen_prefixes()
-        missing = sorted(
-            {k for k in self.state_dict() if not k.startswith(frozen)} - set(checkpoint["state_dict"])
-        )
-        if missing:
-            raise CheckpointError(
-                f"checkpoint lacks {len(missing)} trained weights of this model (e.g. {missing[:3]}); "
-                "it was written by a different model configuration"
-            )
-        rng = checkpoint.get("rng")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            random.setstate(rng["python"])
