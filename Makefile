@@ -58,6 +58,12 @@ bench: setup ## benchmarks: ours vs a baseline measured in the same run (prints 
 	  $(PY) benchmarks/bench_inference.py; \
 	} 2>&1 | grep --line-buffered -v -i "warn\|Seed set\|available:\|Tip:" | tee benchmarks/out/last_run.txt
 
+device-kit: setup ## wheels of what the GPU machine lacks, for its Python 3.12, into .device-kit/ (for benchmarks/gpu/run.sh)
+	PY=$(PY) bash scripts/device_kit.sh .device-kit
+
+gpu-rehearsal: setup ## benchmarks/gpu/run.sh on CPU at tiny sizes (what the GPU machine runs), into benchmarks/out/gpu-rehearsal
+	SKIP_KIT=1 PY=$(PY) bash benchmarks/gpu/run.sh benchmarks/out/gpu-rehearsal --device cpu --tiny
+
 lint: setup ## ruff lint + format check
 	$(VENV)/bin/ruff check src tests scripts benchmarks
 	$(VENV)/bin/ruff format --check src tests scripts benchmarks
@@ -69,4 +75,4 @@ format: setup ## apply ruff formatting and fixes
 clean: ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun logs lightning_logs .pytest_cache
 
-.PHONY: help setup data train test test-slow smoke-full bench lint format clean browser app
+.PHONY: help setup data train test test-slow smoke-full bench lint format clean browser app device-kit gpu-rehearsal

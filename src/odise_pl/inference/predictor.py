@@ -14,8 +14,8 @@ from odise_pl.inference.open_vocab import class_probabilities, pooled_clip_logit
 from odise_pl.inference.postprocess import instance_inference, panoptic_inference, semantic_inference
 from odise_pl.model.clip import clip_logits
 from odise_pl.model.odise import ODISE, to_unit
+from odise_pl.model.precision import DTYPES, dtype_of
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 __all__ = ["Predictor", "seen_categories"]
 
@@ -58,8 +58,7 @@ class Predictor:
         topk: int = 100,
         precision: str = "fp32",
     ):
-        if precision not in DTYPES:
-            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+        dtype_of(precision, "model.predictor.precision")
         if clip_side not in ("maskclip", "pooling"):
             raise ValueError(f"clip_side must be 'maskclip' or 'pooling', got {clip_side!r}")
         if clip_mask_region not in ("padded", "image"):

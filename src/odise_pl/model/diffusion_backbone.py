@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from odise_pl.model.precision import dtype_of
+
 
 class DiffusionBackbone(nn.Module):
     """Frozen SD v1.x VAE + UNet, tapped with forward pre-hooks.
@@ -35,6 +37,16 @@ class DiffusionBackbone(nn.Module):
             UNet's native latent size (64 x 64 for SD v1) and bicubic-resized to other latent sizes;
             regenerated at start-up, never saved.
         noise_size: (h, w) the noise is drawn at (default: the UNet's ``sample_size``).
+        dtype: ``fp32`` | ``bf16`` | ``fp16``: the frozen UNet / VAE weights' dtype. bf16 halves their
+            memory (944M parameters: 3.8 GB in fp32) and is how GPUs run them fastest; the features
+            come out in that dtype under autocast and in fp32 otherwise. The noise schedule stays
+            float64 whatever this is. Within the tolerance of bf16 autocast (tests/test_optimised_inference.py).
+        channels_last: the frozen convolutions in NHWC memory order (faster convolutions on GPUs and
+            oneDNN CPUs; exact to rounding).
+        gradient_checkpointing: recompute the UNet's blocks in the backward pass instead of keeping
+            their activations (diffusers' own checkpointing). Gradients reach the implicit
+            captioner through the UNet, so training keeps every UNet activation of every window:
+            this is what lets batch 8 at 1024^2 (32 windows) fit on one GPU. Same gradients (tested).
 
     """
 
@@ -50,10 +62,21 @@ class DiffusionBackbone(nn.Module):
         timesteps: Sequence[int] = (0,),
         noise_seed: int = 42,
         noise_size: Sequence[int] | None = None,
+        dtype: str = "fp32",
+        channels_last: bool = False,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
+        weights_dtype = dtype_of(dtype, "model.net.backbone.dtype")
+        for m in (self.unet, self.vae):
+            m.to(weights_dtype)
+            if channels_last:
+                m.to(memory_format=torch.channels_last)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         self.register_buffer("alphas_cumprod", alphas_cumprod(scheduler), persistent=False)
         self.timesteps = tuple(int(t) for t in timesteps)
         if not self.timesteps:
@@ -81,6 +104,7 @@ class DiffusionBackbone(nn.Module):
             "VAE decoder",
         )
         self._store: dict[str, Tensor] = {}
+        self._recording = False
         self._time_offset: Tensor | None = None
         for name, module in {**self._unet_taps, **self._enc_taps, **self._dec_taps}.items():
             # A partial of a bound method, not a closure: copy.deepcopy rebinds it to the copy.
@@ -102,8 +126,10 @@ class DiffusionBackbone(nn.Module):
         return out
 
     def _store_input(self, name: str, _module, args) -> None:
-        # Overwritten each call, so a re-run (e.g. gradient checkpointing) cannot double-store.
-        self._store[name] = args[0]
+        # Only during forward: gradient checkpointing re-runs the blocks in backward, and what they
+        # would store then would be kept alive until the next forward.
+        if self._recording:
+            self._store[name] = args[0]
 
     def _add_time_offset(self, _module, _args, output):
         if self._time_offset is None:
@@ -182,7 +208,7 @@ class DiffusionBackbone(nn.Module):
     def encode(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] -> scaled latents (B, 4, H/8, W/8); fires the VAE taps."""
         with torch.no_grad():
-            posterior = self.vae.encode(images * 2 - 1).latent_dist
+            posterior = self.vae.encode(images.to(self.vae.dtype) * 2 - 1).latent_dist
             z = posterior.mean  # PARITY: deterministic posterior mean, not a sample
             if self._dec_taps:
                 self._decode_until_last_tap(z)
@@ -230,7 +256,13 @@ class DiffusionBackbone(nn.Module):
             raise ValueError(
                 f"backbone input {tuple(images.shape[-2:])} must be a multiple of {div}; pad first"
             )
-        self._store = {}
+        self._store, self._recording = {}, True
+        try:
+            return self._forward(images, cond, time_offset)
+        finally:
+            self._store, self._recording = {}, False
+
+    def _forward(self, images: Tensor, cond: Tensor, time_offset: Tensor | None) -> dict[str, Tensor]:
         latents = self.encode(images)
         feats = {name: self._store[name] for name in (*self._enc_taps, *self._dec_taps)}
         needs_grad = torch.is_grad_enabled() and (
@@ -252,7 +284,8 @@ class DiffusionBackbone(nn.Module):
                 self._time_offset = None
         for name, parts in unet_feats.items():
             feats[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        self._store = {}
+        if not torch.is_autocast_enabled(images.device.type):
+            feats = {k: v.float() for k, v in feats.items()}  # bf16 weights, fp32 trained parts
         return feats
 
 
