@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
 
@@ -70,10 +71,16 @@ class DiffusionBackbone(nn.Module):
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         weights_dtype = dtype_of(dtype, "model.net.backbone.dtype")
-        for m in (self.unet, self.vae):
-            m.to(weights_dtype)
-            if channels_last:
-                m.to(memory_format=torch.channels_last)
+        quiet = logging.getLogger("diffusers")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # diffusers warns on any cast, even with nothing to keep in fp32
+        try:
+            for m in (self.unet, self.vae):
+                m.to(weights_dtype)
+                if channels_last:
+                    m.to(memory_format=torch.channels_last)
+        finally:
+            quiet.setLevel(level)
         self.gradient_checkpointing = bool(gradient_checkpointing)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()

@@ -25,9 +25,11 @@ class TimmBackbone(nn.Module):
     Args:
         model: a frozen ``features_only`` timm model (``odise_pl.weights.load_timm``).
         size_divisibility: inputs must be a multiple of this (32: the coarsest pyramid level).
+        gradient_checkpointing: accepted so that the paper experiments' memory setting holds for
+            every backbone; nothing to recompute here (frozen, unconditioned: no gradient passes).
     """
 
-    def __init__(self, model: nn.Module, size_divisibility: int = 32):
+    def __init__(self, model: nn.Module, size_divisibility: int = 32, gradient_checkpointing: bool = False):
         super().__init__()
         self.model = model
         self.size_divisibility = size_divisibility
