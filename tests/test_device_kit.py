@@ -18,10 +18,21 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_kit_covers_what_the_gpu_image_lacks_at_pinned_versions():
     """Every package the GPU image lacks (issue: diffusers, hydra-core / omegaconf, open_clip,
     pycocotools, pyspng) and their own missing dependencies are in the kit, each pinned."""
-    kit = [line.split()[0] for line in (ROOT / "benchmarks/gpu/kit.txt").read_text().splitlines()
-           if line.strip() and not line.startswith("#")]
-    for need in ("diffusers", "hydra-core", "omegaconf", "open_clip_torch", "pycocotools", "pyspng",
-                 "antlr4-python3-runtime", "ftfy"):
+    kit = [
+        line.split()[0]
+        for line in (ROOT / "benchmarks/gpu/kit.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for need in (
+        "diffusers",
+        "hydra-core",
+        "omegaconf",
+        "open_clip_torch",
+        "pycocotools",
+        "pyspng",
+        "antlr4-python3-runtime",
+        "ftfy",
+    ):
         assert need in kit, need
     pins = (ROOT / "requirements/constraints.txt").read_text().lower()
     for name in kit:
@@ -33,7 +44,10 @@ def test_make_device_kit_gathers_wheels_for_python_312(tmp_path):
     """Downloads from the package registry (network): in the slow suite."""
     proc = subprocess.run(
         ["bash", "scripts/device_kit.sh", str(tmp_path / "kit")],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PY": sys.executable},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PY": sys.executable},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     wheels = sorted(p.name for p in (tmp_path / "kit").glob("*.whl"))
@@ -47,7 +61,11 @@ def test_run_sh_rehearsal_on_cpu(tmp_path):
     env = {**os.environ, "PY": sys.executable, "SKIP_KIT": "1", "BUDGET_S": "400"}
     proc = subprocess.run(
         ["bash", "benchmarks/gpu/run.sh", str(out), "--device", "cpu", "--tiny"],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=460,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=460,
     )
     assert (out / "log.txt").exists()
     results = json.loads((out / "results.json").read_text())

@@ -124,15 +124,17 @@ def test_every_attention_is_fused_sdpa(monkeypatch, inputs, tiny_clip):
     assert len(calls) >= n_unet  # every UNet attention (+ the VAE's)
     calls.clear()
     native = torch._native_multi_head_attention
-    monkeypatch.setattr(torch, "_native_multi_head_attention", lambda *a, **k: calls.append(1) or native(*a, **k))
+    monkeypatch.setattr(
+        torch, "_native_multi_head_attention", lambda *a, **k: calls.append(1) or native(*a, **k)
+    )
     tiny_clip.encode_image(images)
     assert len(calls) >= len(tiny_clip.model.visual.transformer.resblocks)
 
 
 def test_switches_compose_from_config(tmp_path):
-    from test_train import cfg_for
-
     from odise_pl.train import build
+
+    from test_train import cfg_for
 
     _, module, _ = build(
         cfg_for(

@@ -51,7 +51,9 @@ def test_grid_sample_deform_attn_equals_cpu_gather_values_and_gradients():
         out = ms_deform_attn(ins[0], shapes, ins[1], ins[2], impl=impl)
         out.backward(grad_out.to(dev))
         results[impl] = [out.detach().cpu()] + [t.grad.cpu() for t in ins]
-    for name, a, b_ in zip(("values", "d value", "d locations", "d weights"), results["auto"], results["gather"]):
+    for name, a, b_ in zip(
+        ("values", "d value", "d locations", "d weights"), results["auto"], results["gather"]
+    ):
         assert rel(a, b_) < 1e-10, name
 
 
@@ -140,7 +142,9 @@ def test_bf16_mixed_training_steps_stay_finite(tmp_path):
         ]
     else:
         size = ["data.batch_size=2", "model.net.backbone.dtype=bf16"]
-    datamodule, module, trainer = build(cfg_for(tmp_path, *size, *_trainer_overrides(tmp_path, 3), fast=False))
+    datamodule, module, trainer = build(
+        cfg_for(tmp_path, *size, *_trainer_overrides(tmp_path, 3), fast=False)
+    )
     log = _LossLog()
     cb = L.Callback()
     cb.on_train_batch_end = log.hook

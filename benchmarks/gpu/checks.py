@@ -143,7 +143,9 @@ def run_tests(device: torch.device, tiny: bool, timeout: float) -> dict:
     except subprocess.TimeoutExpired as e:
         return {"error": f"timed out after {timeout:.0f} s", "tail": (e.stdout or "")[-2000:]}
     print(proc.stdout[-4000:], proc.stderr[-2000:], flush=True)
-    summary = [line for line in proc.stdout.splitlines() if " in " in line and ("passed" in line or "failed" in line)]
+    summary = [
+        line for line in proc.stdout.splitlines() if " in " in line and ("passed" in line or "failed" in line)
+    ]
     return {"returncode": proc.returncode, "summary": summary[-1] if summary else proc.stdout[-300:]}
 
 
@@ -219,13 +221,15 @@ def inference(device: torch.device, tiny: bool, sizes: list[int], rate: float | 
 
             def keep(*a, forward=forward, kept=kept, **k):
                 out = forward(*a, **k)
-                kept.update(pred_masks=out["pred_masks"].float().cpu(), mask_embed=out["mask_embed"].float().cpu())
+                kept.update(
+                    pred_masks=out["pred_masks"].float().cpu(), mask_embed=out["mask_embed"].float().cpu()
+                )
                 return out
 
             net.forward = keep
             try:
 
-                def once(predictor=predictor):
+                def once(predictor=predictor, images=images, meta=meta):
                     return predictor(images, meta, *vocab, tasks=("panoptic",))
 
                 once()  # warm-up (cuDNN autotuning, caches)
@@ -246,14 +250,17 @@ def inference(device: torch.device, tiny: bool, sizes: list[int], rate: float | 
                     flops = count_flops(net, once)
                     entry["tflop_per_image"] = float(f"{flops / 1e12:.4g}")
                     if rate:
-                        entry["share_of_bf16_rate"] = float(f"{flops * entry['images_per_s'] / (rate * 1e12):.3g}")
+                        entry["share_of_bf16_rate"] = float(
+                            f"{flops * entry['images_per_s'] / (rate * 1e12):.3g}"
+                        )
             finally:
                 del net.forward
             raw[path] = {**kept, "panoptic": res[0]["panoptic"][0].cpu()}
             row[path] = entry
         e, o = raw["eager"], raw["optimised"]
         row["difference"] = {
-            k: round(float((o[k] - e[k]).norm() / e[k].norm().clamp(min=1e-12)), 4) for k in ("pred_masks", "mask_embed")
+            k: round(float((o[k] - e[k]).norm() / e[k].norm().clamp(min=1e-12)), 4)
+            for k in ("pred_masks", "mask_embed")
         }
         row["panoptic_agreement"] = round(float((o["panoptic"] > 0).eq(e["panoptic"] > 0).float().mean()), 4)
         row["speedup"] = round(row["optimised"]["images_per_s"] / row["eager"]["images_per_s"], 2)
@@ -284,7 +291,12 @@ def training(device: torch.device, tiny: bool, steps: int) -> dict:
     size = (
         ["data.batch_size=2"]
         if tiny
-        else ["experiment=label_1024", "weights.mode=random", "data.batch_size=8", "model.train_vocabulary=dataset"]
+        else [
+            "experiment=label_1024",
+            "weights.mode=random",
+            "data.batch_size=8",
+            "model.train_vocabulary=dataset",
+        ]
     )
     overrides = [
         *size,
@@ -368,14 +380,20 @@ def main(argv=None) -> int:
     report.section("matmul", lambda: matmul_rate(device, 8192 if device.type == "cuda" else 1024))
     rate = report.data["matmul"].get("tflops_bf16")
     if "tests" not in a.skip:
-        report.section("tests", lambda: run_tests(device, a.tiny, timeout=min(180, report.left() - 200)), needs_s=60)
+        report.section(
+            "tests", lambda: run_tests(device, a.tiny, timeout=min(180, report.left() - 200)), needs_s=60
+        )
     if "inference" not in a.skip:
         sizes = [128, 256] if a.tiny else [512, 1024]
         repeats = a.repeats or (5 if device.type == "cuda" else 2)
         report.section("inference", lambda: inference(device, a.tiny, sizes, rate, repeats), needs_s=60)
     if "training" not in a.skip:
-        report.section("training", lambda: training(device, a.tiny, steps=6 if device.type == "cuda" else 3), needs_s=60)
-    failed = [k for k, v in report.data.items() if isinstance(v, dict) and ("error" in v or v.get("returncode"))]
+        report.section(
+            "training", lambda: training(device, a.tiny, steps=6 if device.type == "cuda" else 3), needs_s=60
+        )
+    failed = [
+        k for k, v in report.data.items() if isinstance(v, dict) and ("error" in v or v.get("returncode"))
+    ]
     report.data["failed_sections"] = failed
     report.save()
     print(f"results: {a.out / 'results.json'}; failed sections: {failed or 'none'}", flush=True)

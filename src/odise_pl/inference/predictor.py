@@ -16,7 +16,6 @@ from odise_pl.model.clip import clip_logits
 from odise_pl.model.odise import ODISE, to_unit
 from odise_pl.model.precision import DTYPES, dtype_of
 
-
 __all__ = ["Predictor", "seen_categories"]
 
 
