@@ -15,28 +15,49 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_kit_covers_what_the_gpu_image_lacks_at_pinned_versions():
-    """Every package the GPU image lacks (issue: diffusers, hydra-core / omegaconf, open_clip,
-    pycocotools, pyspng) and their own missing dependencies are in the kit, each pinned."""
-    kit = [
-        line.split()[0]
-        for line in (ROOT / "benchmarks/gpu/kit.txt").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
+def _names(path: Path) -> list[str]:
+    return [
+        line.split()[0] for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
     ]
-    for need in (
-        "diffusers",
-        "hydra-core",
-        "omegaconf",
-        "open_clip_torch",
-        "pycocotools",
-        "pyspng",
-        "antlr4-python3-runtime",
-        "ftfy",
-    ):
-        assert need in kit, need
-    pins = (ROOT / "requirements/constraints.txt").read_text().lower()
-    for name in kit:
-        assert re.search(rf"^{re.escape(name.lower())}==", pins, re.M), f"{name} is not pinned"
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+KIT = {_norm(n) for n in _names(ROOT / "benchmarks/gpu/kit.txt")}
+IMAGE = {_norm(n) for n in _names(ROOT / "benchmarks/gpu/image_packages.txt")}
+# Declared dependencies the device checks never import (loggers and launchers of other commands).
+NOT_ON_DEVICE = {"wandb", "tensorboard", "hydra-submitit-launcher"}
+
+
+def test_kit_pins_every_package_and_covers_what_the_image_lacks():
+    """Each declared dependency the device checks use is on the GPU image or in the kit, and each
+    kit package is pinned in requirements/constraints.txt (the versions `make device-kit` fetches)."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        name = _norm(Requirement(dep).name)
+        assert name in KIT | IMAGE | NOT_ON_DEVICE, f"{name}: add it to benchmarks/gpu/kit.txt"
+    # and everything the package imports (not only what it declares)
+    import importlib.metadata as md
+
+    from test_dependencies import OPTIONAL, _imported
+
+    dists = md.packages_distributions()
+    for module in _imported() - OPTIONAL:
+        names = {_norm(d) for d in dists.get(module, [module])}
+        assert names & (KIT | IMAGE | NOT_ON_DEVICE), (
+            f"{module} ({names}) is neither on the GPU image nor in the kit"
+        )
+    pins = {
+        _norm(line.split("==")[0])
+        for line in (ROOT / "requirements/constraints.txt").read_text().splitlines()
+        if "==" in line
+    }
+    assert KIT <= pins, KIT - pins
 
 
 @pytest.mark.slow
@@ -53,6 +74,27 @@ def test_make_device_kit_gathers_wheels_for_python_312(tmp_path):
     wheels = sorted(p.name for p in (tmp_path / "kit").glob("*.whl"))
     assert any(w.startswith("diffusers-") for w in wheels) and any("cp312" in w for w in wheels), wheels
     assert sum(p.stat().st_size for p in (tmp_path / "kit").iterdir()) < 48 * 2**20
+    # --no-deps installs there: every requirement of a kit wheel must be in the kit or on the image
+    from packaging.requirements import Requirement
+
+    env = {
+        "python_version": "3.12",
+        "python_full_version": "3.12.3",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "implementation_name": "cpython",
+        "extra": "",
+    }
+    for wheel in (tmp_path / "kit").glob("*.whl"):
+        meta = subprocess.run(
+            ["unzip", "-p", str(wheel), "*/METADATA"], capture_output=True, text=True
+        ).stdout
+        for line in meta.splitlines():
+            if line.startswith("Requires-Dist:"):
+                req = Requirement(line.split(":", 1)[1].strip())
+                if req.marker is None or req.marker.evaluate(env):
+                    assert _norm(req.name) in KIT | IMAGE, f"{wheel.name} needs {req.name}: add it to kit.txt"
 
 
 def test_run_sh_rehearsal_on_cpu(tmp_path):

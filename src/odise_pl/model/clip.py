@@ -33,7 +33,7 @@ class FrozenCLIP(nn.Module):
             tensors with torchvision's ``Resize``, whose default became antialiasing in torchvision
             0.17; the fixtures in ``shared/parity`` were produced that way (the 2023 runs behind the
             paper used torchvision 0.14, which did not antialias tensors: ``false`` reproduces them).
-        dtype: ``fp32`` | ``bf16`` | ``fp16``: the image tower's weights (304M parameters for
+        dtype: ``None`` (as loaded) | ``fp32`` | ``bf16`` | ``fp16``: the image tower's weights (304M parameters for
             ViT-L/14-336: 1.2 GB in fp32). Its embeddings come out in that dtype; the parts that
             read them cast. The text tower stays fp32: its embeddings are computed once per
             vocabulary and cached.
@@ -48,14 +48,15 @@ class FrozenCLIP(nn.Module):
         mean=OPENAI_MEAN,
         std=OPENAI_STD,
         antialias: bool = True,
-        dtype: str = "fp32",
+        dtype: str | None = None,
     ):
         super().__init__()
         import open_clip
 
         self.model = model
         self.model.eval().requires_grad_(False)
-        self.model.visual.to(dtype_of(dtype, "model.net.clip.dtype"))
+        if dtype is not None:
+            self.model.visual.to(dtype_of(dtype, "model.net.clip.dtype"))
         self.tokenizer = (
             open_clip.get_tokenizer(tokenizer) if tokenizer else open_clip.tokenizer.SimpleTokenizer()
         )

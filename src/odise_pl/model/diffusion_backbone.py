@@ -38,7 +38,7 @@ class DiffusionBackbone(nn.Module):
             UNet's native latent size (64 x 64 for SD v1) and bicubic-resized to other latent sizes;
             regenerated at start-up, never saved.
         noise_size: (h, w) the noise is drawn at (default: the UNet's ``sample_size``).
-        dtype: ``fp32`` | ``bf16`` | ``fp16``: the frozen UNet / VAE weights' dtype. bf16 halves their
+        dtype: ``None`` (as loaded) | ``fp32`` | ``bf16`` | ``fp16``: the frozen UNet / VAE weights' dtype. bf16 halves their
             memory (944M parameters: 3.8 GB in fp32) and is how GPUs run them fastest; the features
             come out in that dtype under autocast and in fp32 otherwise. The noise schedule stays
             float64 whatever this is. Within the tolerance of bf16 autocast (tests/test_optimised_inference.py).
@@ -63,20 +63,21 @@ class DiffusionBackbone(nn.Module):
         timesteps: Sequence[int] = (0,),
         noise_seed: int = 42,
         noise_size: Sequence[int] | None = None,
-        dtype: str = "fp32",
+        dtype: str | None = None,
         channels_last: bool = False,
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
-        weights_dtype = dtype_of(dtype, "model.net.backbone.dtype")
+        weights_dtype = None if dtype is None else dtype_of(dtype, "model.net.backbone.dtype")
         quiet = logging.getLogger("diffusers")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # diffusers warns on any cast, even with nothing to keep in fp32
         try:
             for m in (self.unet, self.vae):
-                m.to(weights_dtype)
+                if weights_dtype is not None:
+                    m.to(weights_dtype)
                 if channels_last:
                     m.to(memory_format=torch.channels_last)
         finally:
@@ -292,7 +293,8 @@ class DiffusionBackbone(nn.Module):
         for name, parts in unet_feats.items():
             feats[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if not torch.is_autocast_enabled(images.device.type):
-            feats = {k: v.float() for k, v in feats.items()}  # bf16 weights, fp32 trained parts
+            # bf16 weights, fp32 trained parts: features in the input's dtype outside autocast
+            feats = {k: v.to(images.dtype) for k, v in feats.items()}
         return feats
 
 
