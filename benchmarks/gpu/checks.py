@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -135,9 +136,11 @@ def matmul_rate(device: torch.device, n: int) -> dict:
 
 
 # -- 3 ----------------------------------------------------------------------------------------------
-def run_tests(device: torch.device, tiny: bool, timeout: float) -> dict:
+def run_tests(device: torch.device, tiny: bool, timeout: float, select: str | None = None) -> dict:
     env = {**os.environ, "ODISE_TEST_DEVICE": device.type, "ODISE_TEST_FULL": "0" if tiny else "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+    if select:
+        cmd += ["-k", select]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
@@ -192,7 +195,14 @@ def count_flops(net, fn) -> float:
     return float(counter.get_total_flops())
 
 
-def inference(device: torch.device, tiny: bool, sizes: list[int], rate: float | None, repeats: int) -> dict:
+def inference(
+    device: torch.device,
+    tiny: bool,
+    sizes: list[int],
+    rate: float | None,
+    repeats: int,
+    compile_if_left: Callable[[], bool] = lambda: False,
+) -> dict:
     import hydra
 
     from odise_pl.data.vocab import dataset_vocab
@@ -204,67 +214,82 @@ def inference(device: torch.device, tiny: bool, sizes: list[int], rate: float | 
     # what is rehearsed is the work done
     v = dataset_vocab("coco")
     vocab, mode = (v.names, v.isthing), "ensemble"
+    net.text_embeddings(vocab[0])
+    net.text_embeddings(vocab[0], side="clip")
     results: dict = {"vocabulary_size": len(vocab[0]), "mode": mode}
-    for size in sizes:
+    raw: dict = {}
+
+    def measure(path: str, size: int) -> dict:
+        """One configuration at one size: warm-up, timed runs, peak memory, FLOPs, raw outputs."""
         g = torch.Generator().manual_seed(size)
         images = torch.rand(1, 3, size, size, generator=g).to(device)
         meta = [{"input_size": (size, size), "height": size, "width": size}]
-        row: dict = {}
-        raw: dict = {}
-        for path in ("eager", "optimised"):
-            optimise(net, path == "optimised")
-            predictor = module.make_predictor(mode=mode, precision="bf16" if path == "optimised" else "fp32")
-            net.text_embeddings(vocab[0])
-            net.text_embeddings(vocab[0], side="clip")
-            forward = net.forward
-            kept: dict = {}
+        predictor = module.make_predictor(mode=mode, precision="fp32" if path == "eager" else "bf16")
+        forward, kept = net.forward, {}
 
-            def keep(*a, forward=forward, kept=kept, **k):
-                out = forward(*a, **k)
-                kept.update(
-                    pred_masks=out["pred_masks"].float().cpu(), mask_embed=out["mask_embed"].float().cpu()
-                )
-                return out
+        def keep(*a, **k):
+            out = forward(*a, **k)
+            kept.update(
+                pred_masks=out["pred_masks"].float().cpu(), mask_embed=out["mask_embed"].float().cpu()
+            )
+            return out
 
-            net.forward = keep
-            try:
+        def once():
+            return predictor(images, meta, *vocab, tasks=("panoptic",))
 
-                def once(predictor=predictor, images=images, meta=meta):
-                    return predictor(images, meta, *vocab, tasks=("panoptic",))
-
-                once()  # warm-up (cuDNN autotuning, caches)
-                reset_peak(device)
+        net.forward = keep
+        try:
+            t = time.perf_counter()
+            once()  # warm-up (cuDNN autotuning, caches; compilation)
+            sync(device)
+            first = time.perf_counter() - t
+            reset_peak(device)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                res = once()
                 sync(device)
-                times = []
-                for _ in range(repeats):
-                    t = time.perf_counter()
-                    res = once()
-                    sync(device)
-                    times.append(time.perf_counter() - t)
-                entry = {
-                    "images_per_s": round(1 / min(times), 3),
-                    "seconds": [round(x, 4) for x in times],
-                    "peak_gb": peak_gb(device),
-                }
-                if path == "optimised":
-                    flops = count_flops(net, once)
-                    entry["tflop_per_image"] = float(f"{flops / 1e12:.4g}")
-                    if rate:
-                        entry["share_of_bf16_rate"] = float(
-                            f"{flops * entry['images_per_s'] / (rate * 1e12):.3g}"
-                        )
-            finally:
-                del net.forward
-            raw[path] = {**kept, "panoptic": res[0]["panoptic"][0].cpu()}
-            row[path] = entry
-        e, o = raw["eager"], raw["optimised"]
+                times.append(time.perf_counter() - t)
+        finally:
+            del net.forward
+        entry = {
+            "images_per_s": round(1 / min(times), 3),
+            "seconds": [round(x, 4) for x in times],
+            "first_call_s": round(first, 2),
+            "peak_gb": peak_gb(device),
+        }
+        if path == "optimised":
+            flops = count_flops(net, once)
+            entry["tflop_per_image"] = float(f"{flops / 1e12:.4g}")
+            if rate:
+                entry["share_of_bf16_rate"] = float(f"{flops * entry['images_per_s'] / (rate * 1e12):.3g}")
+        raw[path, size] = {**kept, "panoptic": res[0]["panoptic"][0].cpu()}
+        return entry
+
+    # every eager run first: casting the weights to bf16 and back would round the reference
+    for path in ("eager", "optimised"):
+        optimise(net, path == "optimised")
+        for size in sizes:
+            results.setdefault(f"{size}", {})[path] = measure(path, size)
+    for size in sizes:
+        row, e, o = results[f"{size}"], raw["eager", size], raw["optimised", size]
         row["difference"] = {
             k: round(float((o[k] - e[k]).norm() / e[k].norm().clamp(min=1e-12)), 4)
             for k in ("pred_masks", "mask_embed")
         }
         row["panoptic_agreement"] = round(float((o["panoptic"] > 0).eq(e["panoptic"] > 0).float().mean()), 4)
         row["speedup"] = round(row["optimised"]["images_per_s"] / row["eager"]["images_per_s"], 2)
-        results[f"{size}"] = row
+    if compile_if_left():
+        # torch.compile on top of the optimised path, at the largest size (the switch
+        # model.net.backbone.compile); its first call is the compilation
+        net.backbone.unet.compile()
+        net.backbone.vae.encoder.compile()
+        size = sizes[-1]
+        entry = measure("optimised+compile", size)
+        entry["speedup_over_optimised"] = round(
+            entry["images_per_s"] / results[f"{size}"]["optimised"]["images_per_s"], 2
+        )
+        results[f"{size}"]["optimised+compile"] = entry
     if not tiny and "1024" in results:
         opt = results["1024"]["optimised"]
         results["goal_1024"] = {
@@ -276,7 +301,6 @@ def inference(device: torch.device, tiny: bool, sizes: list[int], rate: float | 
                 and opt["peak_gb"] <= GOAL["peak_gb_1024"]
             ),
         }
-    del module, net
     return results
 
 
@@ -366,6 +390,13 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=float(os.environ.get("BUDGET_S", 480)) - 15)
     p.add_argument("--skip", nargs="*", default=[], choices=["tests", "inference", "training"])
     p.add_argument("--repeats", type=int, default=None, help="timed inference runs per configuration")
+    p.add_argument("--tests-select", default=None, help="pytest -k expression for the tests section")
+    p.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="also time torch.compile at the largest size (auto: on CUDA, when >= 200 s are left)",
+    )
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(a.device)
@@ -386,7 +417,15 @@ def main(argv=None) -> int:
     if "inference" not in a.skip:
         sizes = [128, 256] if a.tiny else [512, 1024]
         repeats = a.repeats or (5 if device.type == "cuda" else 2)
-        report.section("inference", lambda: inference(device, a.tiny, sizes, rate, repeats), needs_s=60)
+        want_compile = a.compile == "on" or (a.compile == "auto" and device.type == "cuda")
+
+        def compile_if_left() -> bool:
+            # after training's share: compiling the UNet takes one to two minutes
+            return want_compile and report.left() > (200 if "training" not in a.skip else 120)
+
+        report.section(
+            "inference", lambda: inference(device, a.tiny, sizes, rate, repeats, compile_if_left), needs_s=60
+        )
     if "training" not in a.skip:
         report.section(
             "training", lambda: training(device, a.tiny, steps=6 if device.type == "cuda" else 3), needs_s=60

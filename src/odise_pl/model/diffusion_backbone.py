@@ -48,6 +48,10 @@ class DiffusionBackbone(nn.Module):
             their activations (diffusers' own checkpointing). Gradients reach the implicit
             captioner through the UNet, so training keeps every UNet activation of every window:
             this is what lets batch 8 at 1024^2 (32 windows) fit on one GPU. Same gradients (tested).
+        compile: ``torch.compile`` the UNet and the VAE encoder (inductor; the taps are traced with
+            them). Equal to rounding (tested, slow suite). Off by default: on CPU it did not pay
+            (``benchmarks/bench_compile.py``) and the first call compiles for minutes; the GPU
+            measurement (``benchmarks/gpu/run.sh``) says whether it pays there.
 
     """
 
@@ -66,6 +70,7 @@ class DiffusionBackbone(nn.Module):
         dtype: str | None = None,
         channels_last: bool = False,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.unet = unet.eval().requires_grad_(False)
@@ -85,6 +90,10 @@ class DiffusionBackbone(nn.Module):
         self.gradient_checkpointing = bool(gradient_checkpointing)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if compile:
+            # In place (nn.Module.compile): the modules, their weights and hooks stay the same objects.
+            self.unet.compile()
+            self.vae.encoder.compile()
         self.register_buffer("alphas_cumprod", alphas_cumprod(scheduler), persistent=False)
         self.timesteps = tuple(int(t) for t in timesteps)
         if not self.timesteps:
