@@ -2,8 +2,8 @@
 vs our optimised path, at 512^2 and 1024^2.
 
 Eager: fp32, every part run as written, one sliding window at a time. Optimised: the network under
-bf16 autocast (``--precision``), all sliding windows through the backbone together, channels-last
-convolutions in the frozen UNet / VAE; the auxiliary mask sets are skipped at inference in both
+bf16 autocast (``--precision``) with the frozen UNet / VAE / CLIP image tower stored in that dtype,
+all sliding windows through the backbone together, channels-last convolutions in the UNet / VAE; the auxiliary mask sets are skipped at inference in both
 (exact), and MaskCLIP (the CLIP opinion) is batched over the masks in both. The optimised outputs are compared
 with the eager ones: relative difference of the mask logits and of the mask embeddings, and the
 agreement of the panoptic segmentation.
@@ -35,14 +35,14 @@ STAGES = {  # stage -> module path inside the ODISE net (VAE: timed around backb
 }
 
 
-def build(experiment: str):
+def build(experiment: str, overrides: tuple[str, ...] = ()):
     import hydra
     from hydra import compose, initialize_config_dir
 
     from odise_pl.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}", "weights.mode=random"])
+        cfg = compose("train", overrides=[f"experiment={experiment}", "weights.mode=random", *overrides])
     torch.manual_seed(0)
     module = hydra.utils.instantiate(cfg.model)
     module.eval()
@@ -81,13 +81,20 @@ def run_one(size: int, path: str, precision: str, repeats: int, out: Path) -> No
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     from odise_pl.data.vocab import dataset_vocab
 
-    module = build("label_1024" if size > 512 else "label_512")
-    net = module.net
     optimised = path == "optimised"
-    net.windows_per_pass = None if optimised else 1  # all sliding windows through the backbone together
-    if optimised:
-        for m in (net.backbone.unet, net.backbone.vae):
-            m.to(memory_format=torch.channels_last)
+    # the switches of README "Fast inference and training on a GPU"; eager: one window at a time
+    switches = (
+        [
+            "model.net.windows_per_pass=null",
+            "model.net.backbone.channels_last=true",
+            f"model.net.backbone.dtype={precision}",
+            f"model.net.clip.dtype={precision}",
+        ]
+        if optimised
+        else ["model.net.windows_per_pass=1"]
+    )
+    module = build("label_1024" if size > 512 else "label_512", tuple(switches))
+    net = module.net
     predictor = module.make_predictor(mode="ensemble", precision=precision if optimised else "fp32")
     vocab = dataset_vocab("coco")
     names, isthing = vocab.names, vocab.isthing
