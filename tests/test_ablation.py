@@ -2,9 +2,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# slow: a 4-run multirun (~30 s). The default suite covers sweep + table in tests/test_cluster.py
+# and each captioner in tests/test_odise.py / below.
+@pytest.mark.slow
 def test_captioner_ablation_runs_every_captioner_and_collects_one_table(tmp_path):
     cmd = [
         sys.executable,
@@ -47,3 +52,26 @@ def test_caption_sources(synthetic_root):
         root=str(root), caption_source=str(root / "annotations" / "generated_captions.json")
     )
     assert len(f[0]["captions"]) == 1
+
+
+@pytest.mark.parametrize("captioner", ["empty", "heuristic", "file", "implicit", "text"])
+def test_every_captioner_composes_reads_its_captions_and_gives_finite_losses(tmp_path, captioner):
+    """What the (slow) ablation sweep runs, one training batch each, in process."""
+    import torch
+
+    from odise_pl.data.vocab import training_vocabulary
+    from odise_pl.train import build
+
+    from test_train import cfg_for
+
+    datamodule, module, _ = build(cfg_for(tmp_path, f"captioner={captioner}"))
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module.set_vocabulary(
+        training_vocabulary(module.train_vocabulary, datamodule.categories), datamodule.isthing
+    )
+    batch = next(iter(datamodule.train_dataloader()))
+    if captioner in ("heuristic", "file", "text"):
+        assert batch["captions"] and all(isinstance(c, str) and c for c in batch["captions"])
+    losses = module.compute_losses(batch)
+    assert losses and all(torch.isfinite(v) for v in losses.values())

@@ -83,6 +83,13 @@ def test_two_point_sweep_through_submitit_with_named_wandb_runs(tmp_path):
         assert list((point / "wandb").glob(f"offline-run-*-{rid}"))
     assert len(ids) == 2
     assert list((sweep / ".submitit").iterdir())  # the jobs' submitit records
+    # one table of the sweep (README "Experiments, ablations, scale-out")
+    table = subprocess.run(
+        [sys.executable, "scripts/collect_runs.py", str(sweep)], capture_output=True, text=True, check=True
+    ).stdout
+    rows = [line for line in table.splitlines() if line.startswith("| model.optimizer.lr=")]
+    assert [r.split("|")[1].strip() for r in rows] == ["model.optimizer.lr=0.001", "model.optimizer.lr=0.002"]
+    assert all("failed" not in r for r in rows)
 
 
 def test_a_resumed_run_names_the_checkpoint_for_its_wandb_id(tmp_path):

@@ -85,7 +85,7 @@ def test_normalisation_uses_the_models_own_statistics():
     assert torch.allclose(clip.mean.flatten(), torch.tensor([0.48145466, 0.4578275, 0.40821073]))
 
 
-# slow: a 7-run multirun (~25 s); the captioner ablation test covers sweep + table in the default suite,
+# slow: a 7-run multirun (~25 s); tests/test_cluster.py covers sweep + table in the default suite,
 # the backbones themselves are tested above
 @pytest.mark.slow
 def test_backbone_ablation_runs_and_collects_one_table(tmp_path):
