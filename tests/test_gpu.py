@@ -62,8 +62,8 @@ def nets(tiny_text_encoder, tiny_clip):
     """The tiny ODISE in fp32 (reference) and with bf16 frozen weights, on the device."""
     ref = make_odise(make_backbone(), tiny_text_encoder, copy.deepcopy(tiny_clip)).eval()
     fast = copy.deepcopy(ref)
-    for m in (fast.backbone.unet, fast.backbone.vae, fast.clip.model.visual):
-        m.to(torch.bfloat16)
+    fast.backbone.set_execution(dtype="bf16")
+    fast.clip.set_image_dtype("bf16")
     return ref.to(DEVICE), fast.to(DEVICE)
 
 

@@ -48,13 +48,12 @@ def test_channels_last_is_exact_to_rounding(module):
     images = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     ref_raw, _ = run(module, "fp32", images)
     bb = module.net.backbone
-    for m in (bb.unet, bb.vae):
-        m.to(memory_format=torch.channels_last)
+    bb.set_execution(channels_last=True)
     try:
+        assert bb.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         raw, _ = run(module, "fp32", images)
     finally:
-        for m in (bb.unet, bb.vae):
-            m.to(memory_format=torch.contiguous_format)
+        bb.set_execution(channels_last=False)
     assert rel(raw["pred_masks"], ref_raw["pred_masks"]) < 1e-4
 
 

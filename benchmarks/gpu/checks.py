@@ -169,11 +169,9 @@ def model_overrides(tiny: bool) -> list[str]:
 
 def optimise(net, on: bool) -> None:
     """The optimised inference path's switches (each also a config key, README "Fast inference")."""
-    dtype = torch.bfloat16 if on else torch.float32
-    bb = net.backbone
-    for m in (bb.unet, bb.vae):
-        m.to(dtype=dtype, memory_format=torch.channels_last if on else torch.contiguous_format)
-    net.clip.model.visual.to(dtype)
+    dtype = "bf16" if on else "fp32"
+    net.backbone.set_execution(dtype=dtype, channels_last=on)
+    net.clip.set_image_dtype(dtype)
     net.windows_per_pass = None if on else 1
 
 
@@ -282,8 +280,7 @@ def inference(
     if compile_if_left():
         # torch.compile on top of the optimised path, at the largest size (the switch
         # model.net.backbone.compile); its first call is the compilation
-        net.backbone.unet.compile()
-        net.backbone.vae.encoder.compile()
+        net.backbone.set_execution(compile=True)
         size = sizes[-1]
         entry = measure("optimised+compile", size)
         entry["speedup_over_optimised"] = round(

@@ -56,7 +56,7 @@ class FrozenCLIP(nn.Module):
         self.model = model
         self.model.eval().requires_grad_(False)
         if dtype is not None:
-            self.model.visual.to(dtype_of(dtype, "model.net.clip.dtype"))
+            self.set_image_dtype(dtype)
         self.tokenizer = (
             open_clip.get_tokenizer(tokenizer) if tokenizer else open_clip.tokenizer.SimpleTokenizer()
         )
@@ -67,6 +67,10 @@ class FrozenCLIP(nn.Module):
         # float64 would differ from the constants in the 8th digit.
         self.pixel_mean, self.pixel_std = tuple(mean), tuple(std)
         self.eval()
+
+    def set_image_dtype(self, dtype: str) -> None:
+        """Cast the image tower's weights (``fp32`` | ``bf16`` | ``fp16``; see ``dtype`` above)."""
+        self.model.visual.to(dtype_of(dtype, "model.net.clip.dtype"))
 
     def train(self, mode: bool = True):  # frozen: stays in eval mode whatever the parent does
         return super().train(False)

@@ -75,25 +75,10 @@ class DiffusionBackbone(nn.Module):
         super().__init__()
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
-        weights_dtype = None if dtype is None else dtype_of(dtype, "model.net.backbone.dtype")
-        quiet = logging.getLogger("diffusers")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # diffusers warns on any cast, even with nothing to keep in fp32
-        try:
-            for m in (self.unet, self.vae):
-                if weights_dtype is not None:
-                    m.to(weights_dtype)
-                if channels_last:
-                    m.to(memory_format=torch.channels_last)
-        finally:
-            quiet.setLevel(level)
+        self.set_execution(dtype=dtype, channels_last=channels_last or None, compile=compile)
         self.gradient_checkpointing = bool(gradient_checkpointing)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        if compile:
-            # In place (nn.Module.compile): the modules, their weights and hooks stay the same objects.
-            self.unet.compile()
-            self.vae.encoder.compile()
         self.register_buffer("alphas_cumprod", alphas_cumprod(scheduler), persistent=False)
         self.timesteps = tuple(int(t) for t in timesteps)
         if not self.timesteps:
@@ -141,6 +126,30 @@ class DiffusionBackbone(nn.Module):
                 raise ValueError(f"{what} block index {k} out of range: this model has {len(modules)} blocks")
             out[f"{prefix}_{k}"] = modules[k]
         return out
+
+    def set_execution(
+        self, *, dtype: str | None = None, channels_last: bool | None = None, compile: bool = False
+    ) -> None:
+        """The frozen UNet / VAE's speed switches (class docstring), also after construction:
+        ``dtype`` casts the weights (``None``: unchanged), ``channels_last`` sets the memory format
+        (``False``: back to contiguous, ``None``: unchanged), ``compile`` compiles in place.
+        """
+        weights_dtype = None if dtype is None else dtype_of(dtype, "model.net.backbone.dtype")
+        quiet = logging.getLogger("diffusers")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # diffusers warns on any cast, even with nothing to keep in fp32
+        try:
+            for m in (self.unet, self.vae):
+                if weights_dtype is not None:
+                    m.to(weights_dtype)
+                if channels_last is not None:
+                    m.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        finally:
+            quiet.setLevel(level)
+        if compile:
+            # In place (nn.Module.compile): the modules, their weights and hooks stay the same objects.
+            self.unet.compile()
+            self.vae.encoder.compile()
 
     def _store_input(self, name: str, _module, args) -> None:
         # Only during forward: gradient checkpointing re-runs the blocks in backward, and what they
