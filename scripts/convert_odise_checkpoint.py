@@ -6,30 +6,32 @@ trainable-only checkpoint (.safetensors), then evaluate it with our code:
     python -m odise_pl.eval ckpt_path=odise_label.safetensors datasets=[ade150,coco]
 
 A caption model (``odise_caption_coco_50e-853cc971.pth``) converts the same way (recognised by its
-objectness head). The output carries its model config (``odise_pl/checkpoint_config.py``): evaluation,
+objectness head). The output carries its model config (``odise_pl/checkpoints/description.py``): evaluation,
 the demo and the notebooks rebuild the right model from the file, with no ``experiment=``.
 
 Every trainable tensor of ours is taken from the file (a file lacking any is an error listing them);
 the file's frozen Stable Diffusion / CLIP weights are skipped (ours load from ``weights.*``) and its
 ``criterion.empty_weight`` buffer is derived from our config. Our model is built with
 ``weights.mode=meta`` only to read its names and shapes: nothing is downloaded or allocated.
-See odise_pl/convert.py for the mapping.
+See odise_pl/checkpoints/official.py for the mapping.
 """
 
 import argparse
 import sys
+from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from odise_pl.checkpoint_config import describe, safetensors_metadata
-from odise_pl.convert import (
+from odise_pl.checkpoints.description import describe, safetensors_metadata
+from odise_pl.checkpoints.official import (
     convert_state_dict,
     is_caption_checkpoint,
     read_their_checkpoint,
     their_feature_order,
 )
 from odise_pl.data.vocab import dataset_vocab
-from odise_pl.errors import CheckpointError
+from odise_pl.errors import CheckpointError, OutputError
+from odise_pl.fs import atomic_write, check_writable_file
 
 
 def build_net(experiment: str, overrides: list[str], weights_mode: str = "meta"):
@@ -61,6 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--weights-mode", default="meta", help="how our model is built to read its shapes")
     a = p.parse_args(argv)
     try:
+        check_writable_file(a.output)  # before minutes of reading a multi-GB file, not after
         theirs = read_their_checkpoint(a.checkpoint)
         experiment = a.experiment or ("caption_1024" if is_caption_checkpoint(theirs) else "label_1024")
         print(f"our architecture: experiment={experiment}")
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
             len(bb.timesteps),
         )
         converted, report = convert_state_dict(theirs, net.trainable_state_dict(), order)
-    except CheckpointError as err:
+    except (CheckpointError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(
@@ -90,7 +93,8 @@ def main(argv=None) -> int:
     if cfg.model.train_vocabulary != "dataset":
         desc["vocabulary"] = dataset_vocab(cfg.model.train_vocabulary).names
     meta = {"source": str(a.checkpoint), **safetensors_metadata(desc)}
-    save_file({k: v.contiguous() for k, v in converted.items()}, a.output, metadata=meta)
+    state = {k: v.contiguous() for k, v in converted.items()}
+    atomic_write(Path(a.output), lambda f: f.write(save(state, metadata=meta)))
     print(f"wrote {a.output}")
     return 1 if report["unmapped"] else 0
 

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from odise_pl.app import InputError, Segmenter, legend_html
+from odise_pl.app import Segmenter, legend_html
+from odise_pl.errors import OdiseError
+from odise_pl.inference.limits import InputLimits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +28,8 @@ def image(synthetic_root):
 
 @pytest.fixture(scope="module")
 def segmenter(tmp_path_factory):
-    return Segmenter({"random": None}, max_pixels=30_000, out_root=tmp_path_factory.mktemp("app"))
+    limits = InputLimits(max_pixels=30_000)
+    return Segmenter({"random": None}, limits=limits, out_root=tmp_path_factory.mktemp("app"))
 
 
 def test_a_request_gives_overlay_legend_and_files(segmenter, image):
@@ -48,7 +51,7 @@ def test_a_request_gives_overlay_legend_and_files(segmenter, image):
     [
         ((None, "cat", [], "random"), "Upload an image first"),
         (("IMAGE", "  ", [], "random"), "The vocabulary is empty"),
-        (("HUGE", "cat", [], "random"), "over this demo's limit"),
+        (("HUGE", "cat", [], "random"), "200x200 = 0.0 MPixels, over the limit"),
         (("IMAGE", "cat", [], "nope"), "unknown checkpoint"),
     ],
 )
@@ -56,7 +59,7 @@ def test_bad_input_is_a_message(segmenter, image, tmp_path, args, message):
     huge = tmp_path / "huge.png"
     Image.fromarray(np.zeros((200, 200, 3), np.uint8)).save(huge)
     args = tuple({"IMAGE": image, "HUGE": str(huge)}.get(a, a) if isinstance(a, str) else a for a in args)
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(OdiseError, match=message):
         segmenter(*args)
 
 
@@ -167,7 +170,7 @@ def test_the_page_in_a_headless_browser(server, image, tmp_path):
         d.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(huge))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image img"))
         segment.click()
-        wait.until(lambda d: "over this demo's limit" in toast())
+        wait.until(lambda d: "MPixels, over the limit" in toast())
         assert "Traceback" not in d.page_source
     finally:
         d.quit()

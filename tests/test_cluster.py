@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from odise_pl.config import CONFIG_DIR
-from odise_pl.loggers import ID_FILE, names_for, run_id
+from odise_pl.experiment_loggers import ID_FILE, names_for, run_id
 
 FAST = [
     "trainer.max_steps=2",
@@ -96,7 +96,7 @@ def test_a_resumed_run_names_the_checkpoint_for_its_wandb_id(tmp_path):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["logger=wandb", f"ckpt_path={tmp_path}/run/checkpoints/last.ckpt"])
     assert cfg.logger.wandb.resume_from == f"{tmp_path}/run/checkpoints/last.ckpt"
-    assert cfg.logger.wandb._target_ == "odise_pl.loggers.wandb_logger"
+    assert cfg.logger.wandb._target_ == "odise_pl.experiment_loggers.wandb_logger"
 
 
 def test_wandb_names_come_from_the_experiment_and_the_overrides():

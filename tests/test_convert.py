@@ -15,8 +15,8 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from odise_pl.checkpoint_config import read_description
-from odise_pl.convert import convert_state_dict, official_name, read_their_checkpoint
+from odise_pl.checkpoints import read_checkpoint_file
+from odise_pl.checkpoints.official import convert_state_dict, official_name, read_their_checkpoint
 from odise_pl.errors import CheckpointError
 from odise_pl.optim import weight_decay_of
 from odise_pl.weights import count_parameters
@@ -167,7 +167,7 @@ def test_script_end_to_end(tmp_path):
     keys = official_keys("label")["checkpoint_model_dict"]["keys"]
     assert len(load_file(str(out))) == sum(1 for row in keys if row[4])
     # self-describing: the model to rebuild is in the file (no experiment= at evaluation)
-    desc = read_description(out)
+    desc = read_checkpoint_file(out).description
     assert desc["experiment"] == "label_1024" and desc["model"]["supervision"] == "label"
     assert desc["weights"]["mode"] == "pretrained" and len(desc["vocabulary"]) == 133
     bad = subprocess.run(

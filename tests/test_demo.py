@@ -117,3 +117,13 @@ def test_vocabulary_file_with_a_bom(tmp_path):
     assert load_vocab_file(f).names == [["cat", "kitty"], ["dog"]]
     f.write_bytes("\ufeff1:cat,kitty\n2:dog\n".encode())
     assert load_vocab_file(f).names == [["cat", "kitty"], ["dog"]]
+
+
+def test_demo_applies_the_request_limits(image, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(["--image", str(image), "--vocab", "cat; " + "a" * 100, "--output", out]) == 2
+    assert "over the limit of 64 (raise it with --max-word-chars)" in capsys.readouterr().err
+    assert main(["--image", str(image), "--vocab", "cat", "--output", out, "--max-pixels", "1000"]) == 2
+    assert "over the limit of 0.0" in capsys.readouterr().err  # 120x96 > 1000 pixels, from the header
+    assert main(["--image", str(image), "--vocab", "cat", "--output", out, "--max-categories", "-1"]) == 2
+    assert "--max-categories=-1" in capsys.readouterr().err

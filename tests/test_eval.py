@@ -6,8 +6,8 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from odise_pl.checkpoint import export_safetensors, load_trainable
-from odise_pl.checkpoint_config import read_description, resolve_from_checkpoint
+from odise_pl.checkpoints import load_trainable, read_checkpoint_file, resolve_from_checkpoint
+from odise_pl.checkpoints.export import export_safetensors
 from odise_pl.config import CONFIG_DIR
 from odise_pl.errors import CheckpointError, ConfigError
 from odise_pl.eval import evaluate
@@ -73,24 +73,31 @@ def test_checkpoint_errors(trained, tmp_path):
 
 def test_checkpoint_describes_its_model(trained, tmp_path):
     tmp, ckpt = trained
-    desc = read_description(ckpt)
+    desc = read_checkpoint_file(ckpt).description
     assert desc["model"]["net"]["transformer_decoder"]["num_queries"] == QUERIES
     assert desc["model"]["supervision"] == "label" and desc["weights"]["mode"] == "tiny"
     assert desc["vocabulary"] and len(desc["vocabulary"]) == len(desc["isthing"])
-    # frozen-weight locations stay references: another machine sets weights.* only
-    assert desc["model"]["net"]["backbone"]["unet"]["source"] == "${weights.sd_source}"
+    # a stored config is plain values: no interpolation anywhere
+    assert "${" not in json.dumps(desc)
     st = export_safetensors(ckpt, tmp_path / "m.safetensors")
-    assert read_description(st) == desc
+    assert read_checkpoint_file(st).description == desc
     # the demo / notebooks rebuild it with no experiment
     module, _ = load_model(checkpoint=str(st))
     assert module.net.transformer_decoder.query_feat.weight.shape[0] == QUERIES
     # test-time settings and weight locations given explicitly are the user's
-    cfg, _ = resolve_from_checkpoint(
+    cfg = resolve_from_checkpoint(
         eval_cfg(tmp, f"ckpt_path={st}", "model.predictor.mode=clip", "weights.sd_source=/elsewhere/sd"),
+        desc,
         st,
         "eval",
     )
     assert cfg.model.predictor.mode == "clip" and cfg.model.net.backbone.unet.source == "/elsewhere/sd"
+    # where frozen weights are read from is never the file's: without an override, the shipped default
+    stored = json.loads(json.dumps(desc))
+    stored["model"]["net"]["backbone"]["unet"]["source"] = "/the/training/machine/sd"
+    stored["weights"]["sd_source"] = "/the/training/machine/sd"
+    cfg = resolve_from_checkpoint(eval_cfg(tmp, f"ckpt_path={st}"), stored, st, "eval")
+    assert cfg.model.net.backbone.unet.source == eval_cfg(tmp).weights.sd_source
     assert cfg.model.net.transformer_decoder.num_queries == QUERIES
 
 

@@ -156,7 +156,7 @@ def test_bf16_mixed_training_steps_stay_finite(tmp_path):
 
 
 def test_checkpoint_saved_on_device_loads_on_cpu(tmp_path):
-    from odise_pl.checkpoint import read_checkpoint
+    from odise_pl.checkpoints import read_checkpoint
     from odise_pl.inference.segment import load_model
     from odise_pl.train import build
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from odise_pl.convert import convert_state_dict
+from odise_pl.checkpoints.official import convert_state_dict
 from odise_pl.inference.open_vocab import (
     class_probabilities,
     ensemble_logits,

@@ -16,13 +16,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from odise_pl.data.io import load_image
+from odise_pl.data.io import image_size, load_image
 from odise_pl.errors import report_user_error
 from odise_pl.fs import check_writable_dir
+from odise_pl.inference.limits import InputLimits
 from odise_pl.inference.segment import build_vocabulary, load_model, segment_image, write_outputs
-from odise_pl.logs import configure_cli, get_logger
+from odise_pl.log_setup import configure_cli, get_logger
 
 log = get_logger(__name__)
+# A local command: the web demo's vocabulary limits, no pixel limit of its own (Pillow's and
+# ODISE_MAX_IMAGE_PIXELS still apply) and no time budget.
+DEMO_LIMITS = InputLimits(max_pixels=None, timeout_s=None)
 
 
 def positive_int(text: str) -> int:
@@ -38,10 +42,13 @@ def positive_int(text: str) -> int:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Segment ``args.image`` and write the outputs; returns the segment records."""
-    vocab = build_vocabulary(args.vocab, args.vocab_file, args.dataset_vocab)
+    limits = InputLimits.from_args(args)
+    vocab = build_vocabulary(args.vocab, args.vocab_file, args.dataset_vocab, limits)
+    if limits.max_pixels is not None:
+        limits.check_pixels(*image_size(args.image), what=f"image {args.image}")
     image = load_image(args.image)
     out_dir = check_writable_dir(args.output)  # before minutes of inference, not after
-    module, cfg = load_model(args.experiment, args.checkpoint, args.override)
+    module, cfg = load_model(args.experiment, args.checkpoint, args.override, args.trust_checkpoint_config)
     ids, segments = segment_image(
         module, image, vocab, short_edge=args.short_edge or cfg.data.val_transform.short_edge, mode=args.mode
     )
@@ -65,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--checkpoint", help="trained weights (.ckpt or .safetensors)")
     p.add_argument(
+        "--trust-checkpoint-config",
+        action="store_true",
+        help="build whatever model classes the checkpoint's stored config names (only for files you trust)",
+    )
+    p.add_argument(
         "--experiment",
         help="experiment config of the model (default: the checkpoint's own, stored in it; tiny without one)",
     )
@@ -75,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--override", action="append", default=[], help="extra Hydra override, e.g. weights.mode=random"
     )
+    InputLimits.add_arguments(p, DEMO_LIMITS)
     args = p.parse_args(argv)
     configure_cli()
     try:

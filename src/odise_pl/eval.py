@@ -16,15 +16,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from odise_pl.callbacks.progress import StepProgressBar
-from odise_pl.checkpoint import load_trainable
-from odise_pl.checkpoint_config import resolve_from_checkpoint
+from odise_pl.checkpoints import load_trainable, read_checkpoint_file, resolve_from_checkpoint
 from odise_pl.config import CONFIG_DIR, check_config
 from odise_pl.data.transforms import ResizeShortestEdge
 from odise_pl.data.vocab import Vocabulary, dataset_vocab
 from odise_pl.errors import exit_on_user_error
 from odise_pl.evaluation.lit_eval import EvalDataModule, OpenVocabEvaluation
 from odise_pl.inference.predictor import Predictor
-from odise_pl.logs import get_logger
+from odise_pl.log_setup import get_logger
 
 log = get_logger(__name__)
 
@@ -131,13 +130,15 @@ def evaluate(cfg: DictConfig) -> dict:
     """Build the model from ``cfg`` (or from the checkpoint's own description), load the
     checkpoint, evaluate every dataset; results are written by the first process.
     """
-    cfg, desc = resolve_from_checkpoint(cfg, cfg.ckpt_path, "eval")
+    ckpt = read_checkpoint_file(cfg.ckpt_path, trust=cfg.trust_checkpoint_config) if cfg.ckpt_path else None
+    desc = ckpt.description if ckpt else None
+    cfg = resolve_from_checkpoint(cfg, desc, cfg.ckpt_path, "eval")
     check_config(cfg)
     torch.manual_seed(cfg.seed)
     trainer = eval_trainer(cfg)
     module = hydra.utils.instantiate(cfg.model)
-    if cfg.ckpt_path:
-        load_trainable(module.net, cfg.ckpt_path)
+    if ckpt is not None:
+        load_trainable(module.net, ckpt)
     net = module.net.eval()
     source = cfg.get("train_vocabulary") or module.train_vocabulary
     if cfg.get("train_vocabulary") is None and desc and desc.get("vocabulary"):

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from odise_pl.checkpoint import TrainableOnlyCheckpoints
+from odise_pl.checkpoints.hooks import TrainableOnlyCheckpoints
 from odise_pl.data.vocab import dataset_vocab, training_vocabulary
 from odise_pl.evaluation.runner import compute_evaluators, make_evaluators, update_evaluators
 from odise_pl.inference.predictor import Predictor
@@ -70,7 +70,7 @@ class ODISELitModule(TrainableOnlyCheckpoints, L.LightningModule):
         self.isthing: list[bool] | None = None
         self.evaluators = torch.nn.ModuleDict()
         self.nonfinite_terms: list[str] = []  # of the last skipped step (callbacks.nonfinite reports them)
-        self.description: dict | None = None  # odise_pl.checkpoint_config.describe(cfg), set by train
+        self.description: dict | None = None  # odise_pl.checkpoints.describe(cfg), set by train
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self.trainer is not None else None

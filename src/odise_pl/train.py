@@ -21,12 +21,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from odise_pl.callbacks.preemption import SaveOnPreemption
 from odise_pl.callbacks.training_guards import BadSampleReport, ConfiguredOptimizerOnResume
-from odise_pl.checkpoint import AtomicCheckpointIO, describe_mismatch, read_checkpoint
-from odise_pl.checkpoint_config import describe
+from odise_pl.checkpoints import (
+    AtomicCheckpointIO,
+    CheckpointFile,
+    describe,
+    describe_mismatch,
+    read_checkpoint_file,
+)
 from odise_pl.config import CONFIG_DIR, check_config
 from odise_pl.errors import CheckpointError, exit_on_user_error, say_error
 from odise_pl.fs import RunLock, remove_stale_partials
-from odise_pl.logs import get_logger
+from odise_pl.log_setup import get_logger
 
 log = get_logger(__name__)
 
@@ -38,10 +43,11 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
     return [hydra.utils.instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def build(cfg: DictConfig):
+def build(cfg: DictConfig, resume: CheckpointFile | None = None):
     """(datamodule, module, trainer) from a composed config. Values are checked against the
     targets' signatures and everything is built before any training starts, so a bad key or value
-    fails at start-up.
+    fails at start-up. ``resume``: the checkpoint :func:`check_resume` read, handed to Lightning's
+    resume so that the file is read once.
     """
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -54,7 +60,7 @@ def build(cfg: DictConfig):
     # Always on: what a long run needs whatever the callbacks config says.
     callbacks += [SaveOnPreemption(), ConfiguredOptimizerOnResume(), BadSampleReport()]
     trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO(resume)]
     )
     if datamodule.global_batch_size:
         datamodule.batch_size, trainer.accumulate_grad_batches = split_global_batch(
@@ -112,17 +118,19 @@ def git_commit() -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def check_resume(cfg: DictConfig) -> None:
-    """``ckpt_path`` is readable and was trained with this architecture: otherwise one error naming
-    the file or both values, before the model is built (ours is sized on the meta device).
+def check_resume(cfg: DictConfig) -> CheckpointFile:
+    """``ckpt_path`` is readable, its stored config is data (:mod:`odise_pl.checkpoints.trust`) and
+    it was trained with this architecture: otherwise one error naming the file or both values,
+    before the model is built (ours is sized on the meta device). Returns the file, read once.
     """
     path = Path(cfg.ckpt_path)
-    state = read_checkpoint(path).get("state_dict")
-    if not isinstance(state, dict):
+    ckpt = read_checkpoint_file(path, trust=cfg.get("trust_checkpoint_config", False))
+    if ckpt.raw is None:
         raise CheckpointError(
-            f"{path} holds no state_dict; resume from a checkpoint written by odise_pl.train"
+            f"{path} holds weights only (an export); resume from the run's .ckpt (it holds the optimiser "
+            "and step), or start from these weights with a new run"
         )
-    theirs = {k[len("net.") :]: tuple(v.shape) for k, v in state.items() if k.startswith("net.")}
+    theirs = ckpt.shapes()
     meta = cfg.copy()
     with open_dict(meta):
         if meta.weights.mode != "tiny":  # tiny models are built in a moment; others only as shapes
@@ -136,6 +144,7 @@ def check_resume(cfg: DictConfig) -> None:
             + "; ".join(describe_mismatch(theirs, ours))
             + ". Resume with the experiment= and model overrides it was trained with"
         )
+    return ckpt
 
 
 def train(cfg: DictConfig) -> dict:
@@ -156,19 +165,20 @@ def train(cfg: DictConfig) -> dict:
                 "resuming from %s (this run folder's last checkpoint; auto_resume=false starts over)", last
             )
             cfg.ckpt_path = str(last)
+        resume = None
         if cfg.get("ckpt_path"):
-            check_resume(cfg)
+            resume = check_resume(cfg)
             folder = Path(cfg.ckpt_path).parent
             if RunLock.is_free(folder.parent):
                 remove_stale_partials(folder)
-        return _train(cfg)
+        return _train(cfg, resume)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: DictConfig) -> dict:
-    datamodule, module, trainer = build(cfg)
+def _train(cfg: DictConfig, resume: CheckpointFile | None = None) -> dict:
+    datamodule, module, trainer = build(cfg, resume)
     module.description = describe(cfg)
     # The resolved config and the code version, with every run.
     hparams = {"config": OmegaConf.to_container(cfg, resolve=True), "git_commit": git_commit()}

@@ -13,8 +13,8 @@ import torch
 from hydra.utils import instantiate
 
 import odise_pl.train as train_module
-from odise_pl.checkpoint import export_safetensors
-from odise_pl.checkpoint import main as checkpoint_main
+from odise_pl.checkpoints.export import export_safetensors
+from odise_pl.checkpoints.export import main as checkpoint_main
 from odise_pl.errors import CheckpointError, OutputError
 
 from test_train import cfg_for
@@ -125,7 +125,7 @@ def test_a_checkpoint_never_runs_code_even_when_the_environment_allows_it(tmp_pa
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch.load's default would run it
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         train_module.train(cfg_for(tmp_path, f"ckpt_path={evil}"))
-    from odise_pl.checkpoint import AtomicCheckpointIO
+    from odise_pl.checkpoints import AtomicCheckpointIO
 
     with pytest.raises(CheckpointError):  # the path Lightning itself loads through
         AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)

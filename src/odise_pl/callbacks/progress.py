@@ -12,7 +12,7 @@ import time
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from odise_pl.logs import get_logger
+from odise_pl.log_setup import get_logger
 
 log = get_logger(__name__)
 

@@ -9,7 +9,7 @@ import warnings
 import lightning as L
 import torch
 
-from odise_pl.logs import get_logger
+from odise_pl.log_setup import get_logger
 
 log = get_logger(__name__)
 

@@ -36,6 +36,24 @@ def max_image_pixels() -> int:
     return int(Image.MAX_IMAGE_PIXELS or 0)
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from an image file's header, without decoding its pixels (a 0.2 MB PNG can
+    claim 64 MPixels: check this before :func:`load_image`). :class:`DatasetError` if the file is
+    missing or not an image Pillow reads.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"image not found: {path}")
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the caller's limit, not Pillow's
+    try:
+        with Image.open(path) as im:
+            return im.width, im.height
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DatasetError(f"cannot read image {path}: {err}") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB, EXIF orientation applied; a clear error for a missing or corrupt file."""
     path = Path(path)

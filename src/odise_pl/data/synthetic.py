@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from odise_pl.data.io import ids_to_rgb
 from odise_pl.errors import DatasetError
-from odise_pl.logs import configure_cli, get_logger
+from odise_pl.log_setup import configure_cli, get_logger
 
 log = get_logger(__name__)
 

@@ -33,7 +33,7 @@ from torchmetrics import Metric
 
 from odise_pl.data.io import read_ids
 from odise_pl.errors import PanopticEvalError, say_error
-from odise_pl.logs import configure_cli, get_logger
+from odise_pl.log_setup import configure_cli, get_logger
 
 log = get_logger(__name__)
 

@@ -20,19 +20,27 @@ from odise_pl.data.transforms import ResizeShortestEdge, pad_to_divisible
 from odise_pl.data.vocab import Vocabulary, dataset_vocab, load_vocab_file, parse_vocab_string
 from odise_pl.errors import VocabularyError
 from odise_pl.fs import atomic_write
+from odise_pl.inference.limits import InputLimits
 from odise_pl.visualize import overlay
 
 
 def build_vocabulary(
-    vocab: str | None = None, vocab_file: str | None = None, dataset_vocabs: str | None = None
+    vocab: str | None = None,
+    vocab_file: str | None = None,
+    dataset_vocabs: str | None = None,
+    limits: InputLimits | None = None,
 ) -> Vocabulary:
     """Union of the given sources, in the order string (``"cat;dog,puppy"``), file, shipped
-    vocabularies (``"coco,ade150"``); COCO when none is given.
+    vocabularies (``"coco,ade150"``); COCO when none is given. ``limits``: checked on the text
+    before it is parsed and on the vocabulary before anything is tokenised.
     """
+    limits = limits or InputLimits.none()
     parts: list[Vocabulary] = []
     if vocab is not None:
+        limits.check_text(vocab)
         parts.append(parse_vocab_string(vocab))
     if vocab_file:
+        limits.check_file(vocab_file)
         parts.append(load_vocab_file(vocab_file))
     if dataset_vocabs:
         parts += [dataset_vocab(n.strip()) for n in dataset_vocabs.split(",") if n.strip()]
@@ -43,26 +51,33 @@ def build_vocabulary(
     out = parts[0]
     for p in parts[1:]:
         out = out + p
+    limits.check_vocabulary(out)
     return out
 
 
 def load_model(
-    experiment: str | None = None, checkpoint: str | None = None, overrides: list[str] | tuple = ()
+    experiment: str | None = None,
+    checkpoint: str | None = None,
+    overrides: list[str] | tuple = (),
+    trust_config: bool = False,
 ):
     """(LightningModule, cfg) composed like training (``conf/train.yaml`` with ``experiment=``
     and ``overrides``), with the trainable weights of ``checkpoint`` if given, in eval mode.
 
-    A self-describing checkpoint (:mod:`odise_pl.checkpoint_config`) brings its own model config:
-    ``experiment`` and model overrides are then needed only to contradict it, which is an error
-    naming both values. Without a checkpoint ``experiment`` defaults to ``tiny``.
+    A self-describing checkpoint (:mod:`odise_pl.checkpoints.description`) brings its own model
+    config: ``experiment`` and model overrides are then needed only to contradict it, which is an
+    error naming both values. Without a checkpoint ``experiment`` defaults to ``tiny``. The stored
+    config is checked as data (:mod:`odise_pl.checkpoints.trust`) unless ``trust_config`` (only
+    for files you trust: it builds whatever the file names). The file is read once.
     """
     import hydra
     from hydra import compose, initialize_config_dir
 
-    from odise_pl.checkpoint import load_trainable
-    from odise_pl.checkpoint_config import apply_description, read_description
+    from odise_pl.checkpoints import load_trainable, read_checkpoint_file
+    from odise_pl.checkpoints.description import apply_description
 
-    desc = read_description(checkpoint) if checkpoint else None
+    ckpt = read_checkpoint_file(checkpoint, trust=trust_config) if checkpoint else None
+    desc = ckpt.description if ckpt else None
     chosen = [f"experiment={experiment}"] if experiment else []
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[*chosen, "paths.output_dir=.", *overrides])
@@ -70,8 +85,8 @@ def load_model(
             cfg = apply_description(cfg, compose("train", overrides=["paths.output_dir=."]), desc, checkpoint)
     torch.manual_seed(cfg.seed)
     module = hydra.utils.instantiate(cfg.model)
-    if checkpoint:
-        load_trainable(module.net, checkpoint)
+    if ckpt is not None:
+        load_trainable(module.net, ckpt)
     module.net.eval()
     return module, cfg
 

@@ -4,6 +4,7 @@ of category names / nouns, and CLIP's second opinion on each predicted mask at t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -16,6 +17,23 @@ from odise_pl.model.precision import dtype_of
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+CONTEXT = 77  # CLIP's text context, in tokens
+WORD_CHARS = 200  # longer "words" are cut before BPE (no real word is near it)
+TOKENIZER_CACHE_WORDS = 100_000
+
+
+def clip_text(text: str) -> str:
+    """``text`` as CLIP's tokenizer should see it: its first 77 words, each cut at 200 characters.
+
+    Why: CLIP's BPE costs at least the square of a word's length, so one long unbroken "word"
+    (40 KB) blocks a process for a minute. Cutting cannot change what CLIP reads from real text: the
+    tokenizer gives every word at least one token and keeps the first 77, so words after the 77th
+    are dropped anyway, and no word of a real vocabulary comes near 200 characters.
+    """
+    words = text.split()
+    if len(words) <= CONTEXT and all(len(w) <= WORD_CHARS for w in words):
+        return text
+    return " ".join(w[:WORD_CHARS] for w in words[:CONTEXT])
 
 
 class FrozenCLIP(nn.Module):
@@ -175,23 +193,41 @@ class FrozenCLIP(nn.Module):
         """texts: N strings -> (N, D) raw text embeddings (the end-of-text token's, projected)."""
         if len(texts) == 0:
             raise ValueError("encode_text got an empty list of texts")
-        tokens = self.tokenizer(list(texts)).to(self.model.logit_scale.device)
+        tokens = self.tokenizer([clip_text(t) for t in texts]).to(self.model.logit_scale.device)
+        cache = getattr(self.tokenizer, "cache", None)  # open_clip's BPE cache: one entry per word, forever
+        if isinstance(cache, dict) and len(cache) > TOKENIZER_CACHE_WORDS:
+            specials = {k: v for k, v in cache.items() if k.startswith("<")}
+            cache.clear()
+            cache.update(specials)
         return self.model.encode_text(tokens)
 
     @torch.no_grad()
     def embed_vocabulary(
-        self, vocabulary: list[list[str]], prompt: str | None = None
+        self,
+        vocabulary: list[list[str]],
+        prompt: str | None = None,
+        chunk_size: int = 256,
+        check: Callable[[str], None] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Raw text embeddings of a vocabulary with synonyms.
 
         vocabulary: K categories, each a non-empty list of names (synonyms); prompt: a template
         like ``"a photo of a {}."`` or ``None`` for the bare names
-        -> embeddings (K, S, D), valid (K, S) bool, S = most synonyms.
+        -> embeddings (K, S, D), valid (K, S) bool, S = most synonyms. Encoded ``chunk_size``
+        names at a time; ``check(stage)`` is called after each chunk (a request's deadline).
         """
         if not vocabulary or any(len(names) == 0 for names in vocabulary):
             raise ValueError("the vocabulary is empty or has a category without a name")
         flat = [(k, s, n) for k, names in enumerate(vocabulary) for s, n in enumerate(names)]
-        emb = self.encode_text([prompt.format(n) if prompt else n for _, _, n in flat])
+        texts = [prompt.format(n) if prompt else n for _, _, n in flat]
+        # In chunks: memory grows with the K embeddings, not with the text tower's activations of all
+        # K x S texts at once (20k categories: gigabytes).
+        chunks = []
+        for i in range(0, len(texts), chunk_size):
+            chunks.append(self.encode_text(texts[i : i + chunk_size]))
+            if check is not None:
+                check(f"encoding the vocabulary ({i + len(chunks[-1])} of {len(texts)} names)")
+        emb = torch.cat(chunks)
         n_syn = max(len(v) for v in vocabulary)
         out = emb.new_zeros(len(vocabulary), n_syn, emb.shape[-1])
         valid = torch.zeros(len(vocabulary), n_syn, dtype=torch.bool, device=emb.device)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from odise_pl.model.clip import FrozenCLIP
 from odise_pl.model.diffusion_backbone import DiffusionBackbone
 from odise_pl.model.sliding_window import slide
+from odise_pl.model.text_cache import TensorLRU
 from odise_pl.model.text_encoder import SDTextEncoder
 
 
@@ -35,6 +36,8 @@ class ODISE(nn.Module):
             ``None`` (bare names) for label models, ``"a photo of a {}."`` for caption models.
         clip_prompt: template for CLIP's own classification at test time (official: ``"a photo of a {}."``).
         windows_per_pass: sliding windows run through the backbone together (``None``: all).
+        vocab_cache_mb: text embeddings of recent vocabularies kept, in MiB, least recently used
+            out first (``None``: all, forever; a server sees a new vocabulary per request).
 
     """
 
@@ -53,6 +56,7 @@ class ODISE(nn.Module):
         prompt: str | None = None,
         clip_prompt: str | None = "a photo of a {}.",
         windows_per_pass: int | None = None,
+        vocab_cache_mb: float | None = 512,
     ):
         super().__init__()
         self.backbone = backbone
@@ -82,7 +86,7 @@ class ODISE(nn.Module):
                 raise ValueError(f"model.net.{name}={template!r} must contain '{{}}' where the name goes")
         self.prompt, self.clip_prompt = prompt, clip_prompt
         self.windows_per_pass = windows_per_pass
-        self._vocab_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._vocab_cache = TensorLRU(None if vocab_cache_mb is None else int(vocab_cache_mb * 2**20))
 
     # -- frozen / trainable split ----------------------------------------------------------------
     def frozen_modules(self) -> list[nn.Module]:
@@ -129,18 +133,24 @@ class ODISE(nn.Module):
 
     # -- vocabulary --------------------------------------------------------------------------
     def text_embeddings(
-        self, vocabulary: list[list[str]], side: Literal["diffusion", "clip"] = "diffusion"
+        self,
+        vocabulary: list[list[str]],
+        side: Literal["diffusion", "clip"] = "diffusion",
+        check: Callable[[str], None] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Raw CLIP text embeddings (K, S, T) and valid (K, S) of a vocabulary of synonym lists, in
-        the ``side``'s prompt (:attr:`prompt` or :attr:`clip_prompt`); cached per vocabulary.
+        the ``side``'s prompt (:attr:`prompt` or :attr:`clip_prompt`); cached per vocabulary
+        (``vocab_cache_mb``). ``check``: called between encoding chunks (a request's deadline).
         """
         prompt = self.prompt if side == "diffusion" else self.clip_prompt
         key = (tuple(tuple(v) for v in vocabulary), prompt)
-        if key not in self._vocab_cache:
+        cached = self._vocab_cache.get(key)
+        if cached is None:
             # Outside inference mode: a cache filled during validation is reused by training steps.
             with torch.inference_mode(False), torch.no_grad():
-                self._vocab_cache[key] = self.clip.embed_vocabulary(vocabulary, prompt)
-        emb, valid = self._vocab_cache[key]
+                cached = self.clip.embed_vocabulary(vocabulary, prompt, check=check)
+            self._vocab_cache.put(key, cached)
+        emb, valid = cached
         device = self.classifier.logit_scale.device
         return emb.to(device), valid.to(device)
 

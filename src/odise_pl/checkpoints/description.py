@@ -1,19 +1,21 @@
 """Self-describing checkpoints: the model a checkpoint was trained as travels inside the file.
 
 A ``.ckpt`` written by ``odise_pl.train`` holds, under ``checkpoint["odise_pl"]``, the resolved
-``model`` and ``weights`` config nodes, the experiment's name and the training vocabulary /
-supervision; ``python -m odise_pl.checkpoint export`` and the official-checkpoint converter put the
+``model`` and ``weights`` config nodes (plain values), the experiment's name and the training
+vocabulary; ``python -m odise_pl.checkpoints export`` and the official-checkpoint converter put the
 same description (JSON) into the ``.safetensors`` metadata. ``python -m odise_pl.eval ckpt_path=X``,
 the demo and :func:`odise_pl.inference.segment.load_model` then rebuild that model from the file
-alone.
+alone, after :mod:`odise_pl.checkpoints.trust` has checked the description as data.
 
 What the user gives explicitly still counts, per kind of key:
 
 - the architecture and what was trained (``model.*`` except ``model.predictor``, ``weights.mode``,
   ``weights.clip_name``): given and different from the file is a :class:`ConfigError` naming both
   values (a mismatch would otherwise load wrong-shaped or wrongly-paired weights);
-- where frozen weights are found (``weights.sd_source``, ``weights.clip_pretrained``): paths on the
-  training machine mean nothing on another, so the user's value wins;
+- where frozen weights are found (``weights.sd_source``, ``weights.clip_pretrained`` and every
+  ``source`` / ``pretrained`` / ``checkpoint`` / ``cache_dir`` leaf): always the running config's
+  (the user's or the shipped default), never the file's: paths on the training machine mean nothing
+  on another, and a file does not choose what this machine reads;
 - test-time settings (``model.predictor.*``): the user's value wins, the file's is the default.
 
 "Given" is measured against the config composed with no overrides, so a group choice
@@ -29,42 +31,20 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from odise_pl.errors import CheckpointError, ConfigError
+from odise_pl.checkpoints.trust import FORMAT, KEY, UntrustedConfigError, short
+from odise_pl.errors import ConfigError
 
-KEY = "odise_pl"  # the checkpoint dict's key / the safetensors metadata key
-FORMAT = 1
 # Keys the user's value wins for: test-time settings, and where frozen weights are found (the
 # training machine's paths mean nothing on another).
 _USER_WINS = ("model.predictor", "weights.sd_source", "weights.clip_pretrained")
 _LOCATION_LEAVES = ("source", "pretrained", "checkpoint", "cache_dir")
 
 
-def _keep_interpolation(value: Any) -> bool:
-    """A ``${model.*}`` / ``${weights.*}`` reference resolves the same in any run's config; any
-    other (``${trainer.max_steps}``) is stored as its value.
-    """
-    refs = re.findall(r"\$\{([^}]*)\}", value) if isinstance(value, str) else []
-    return bool(refs) and all(r.startswith(("model.", "weights.")) for r in refs)
-
-
-def _model_node(cfg: DictConfig) -> dict:
-    raw = OmegaConf.to_container(cfg.model, resolve=False)
-    resolved = OmegaConf.to_container(cfg.model, resolve=True)
-
-    def merge(r: Any, v: Any) -> Any:
-        if isinstance(r, dict):
-            return {k: merge(r[k], v[k]) for k in r}
-        if isinstance(r, list):
-            return [merge(a, b) for a, b in zip(r, v)]
-        return r if _keep_interpolation(r) else v
-
-    return merge(raw, resolved)
-
-
 def describe(cfg: DictConfig, experiment: str | None = None) -> dict[str, Any]:
-    """The description of a training run's model (JSON-serialisable); ``experiment`` defaults to
-    the running Hydra app's ``experiment=`` choice. References to ``weights.*`` stay references,
-    so a machine with the frozen weights elsewhere only sets ``weights.sd_source`` etc.
+    """The description of a training run's model (JSON-serialisable plain values: a stored config
+    never interpolates); ``experiment`` defaults to the running Hydra app's ``experiment=`` choice.
+    Where frozen weights are found is rebuilt from the loading machine's config
+    (:func:`apply_description`).
     """
     if experiment is None:
         try:
@@ -76,39 +56,9 @@ def describe(cfg: DictConfig, experiment: str | None = None) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "experiment": experiment,
-        "model": _model_node(cfg),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
         "weights": OmegaConf.to_container(cfg.weights, resolve=True),
     }
-
-
-def read_description(path: str | Path) -> dict[str, Any] | None:
-    """The description stored in a ``.ckpt`` or ``.safetensors`` file; ``None`` for files written
-    without one (older runs, other tools).
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                text = (f.metadata() or {}).get(KEY)
-        except Exception as err:
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-        if text is None:
-            return None
-        try:
-            desc = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path}: the {KEY!r} metadata is not JSON ({err})") from err
-    else:
-        from odise_pl.checkpoint import read_checkpoint
-
-        desc = read_checkpoint(path).get(KEY)
-    if desc is None:
-        return None
-    if not isinstance(desc, dict) or not isinstance(desc.get("model"), dict):
-        raise CheckpointError(f"{path}: the {KEY!r} description holds no model config")
-    return desc
 
 
 def safetensors_metadata(desc: dict | None) -> dict[str, str]:
@@ -138,20 +88,63 @@ def _user_wins(key: str) -> bool:
     )
 
 
+def _kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def _relink(stored: Any, raw: Any, resolved: Any, key: str, source: Any) -> Any:
+    """The stored node with the running config's own ``${weights.*}`` references and weight
+    locations put back (``raw``: the running config unresolved, ``resolved``: resolved), so that
+    where frozen weights are read from is this machine's config, never the file's. A stored value
+    of another kind than the running config's (a string where a number is) is refused.
+    """
+    want, got = _kind(resolved), _kind(stored)
+    if want and got and want != got:
+        raise UntrustedConfigError(
+            f"{source}: refused {key}={short(stored)}: the shipped config has {want} there ({short(resolved)})"
+        )
+    if isinstance(stored, dict):
+        raw = raw if isinstance(raw, dict) else {}
+        resolved = resolved if isinstance(resolved, dict) else {}
+        return {k: _relink(v, raw.get(k), resolved.get(k), f"{key}.{k}", source) for k, v in stored.items()}
+    if (
+        isinstance(raw, str)
+        and "${" in raw
+        and all(r.startswith("weights.") for r in re.findall(r"\$\{([^}]*)\}", raw))
+    ):
+        return raw
+    if key.rsplit(".", 1)[-1] in _LOCATION_LEAVES and raw is not None:
+        return raw
+    return stored
+
+
 def apply_description(cfg: DictConfig, baseline: DictConfig, desc: dict, source: str | Path) -> DictConfig:
-    """``cfg`` with the ``model`` / ``weights`` nodes of ``desc`` (read from ``source``).
+    """``cfg`` with the ``model`` / ``weights`` nodes of ``desc`` (read from ``source`` and checked
+    by :func:`odise_pl.checkpoints.trust.check_description`).
 
     ``baseline``: the same config composed without overrides; what differs from it was given.
-    Given test-time settings and weight locations are kept; any other given value the file
-    contradicts is a :class:`ConfigError` naming both.
+    Weight locations are always ``cfg``'s; given test-time settings are kept; any other given value
+    the file contradicts is a :class:`ConfigError` naming both.
     """
     ours, base = _leaves(cfg), _leaves(baseline)
     given = {k: v for k, v in ours.items() if k not in base or base[k] != v}
     out = cfg.copy()
+    raw = {n: OmegaConf.to_container(cfg[n], resolve=False) for n in ("model", "weights")}
+    res = {n: OmegaConf.to_container(cfg[n], resolve=True) for n in ("model", "weights")}
     with open_dict(out):
-        out.model = OmegaConf.create(desc["model"])
+        out.model = OmegaConf.create(_relink(desc["model"], raw["model"], res["model"], "model", source))
         if desc.get("weights"):
-            out.weights = OmegaConf.create(desc["weights"])
+            weights = _relink(desc["weights"], raw["weights"], res["weights"], "weights", source)
+            for k in ("sd_source", "clip_pretrained"):  # locations: this machine's
+                if k in raw["weights"]:
+                    weights[k] = raw["weights"][k]
+            out.weights = OmegaConf.create(weights)
         for k, v in given.items():
             if _user_wins(k):
                 OmegaConf.update(out, k, v, force_add=True)
@@ -184,15 +177,10 @@ def baseline_config(config_name: str) -> DictConfig:
         return compose(config_name)
 
 
-def resolve_from_checkpoint(
-    cfg: DictConfig, path: str | Path | None, config_name: str
-) -> tuple[DictConfig, dict | None]:
-    """(config, description): ``cfg`` rebuilt as the model stored in ``path`` when the file
-    describes itself, else ``cfg`` unchanged (and ``None``).
+def resolve_from_checkpoint(cfg: DictConfig, desc: dict | None, source: Any, config_name: str) -> DictConfig:
+    """``cfg`` rebuilt as the model ``desc`` describes (the checked description of the checkpoint
+    ``source``), or ``cfg`` unchanged when the file has none.
     """
-    if not path:
-        return cfg, None
-    desc = read_description(path)
     if desc is None:
-        return cfg, None
-    return apply_description(cfg, baseline_config(config_name), desc, path), desc
+        return cfg
+    return apply_description(cfg, baseline_config(config_name), desc, source)

@@ -9,7 +9,7 @@ import pytest
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from odise_pl.callbacks.progress import StepProgressBar, format_duration
-from odise_pl.logs import ALL_RANKS, get_logger
+from odise_pl.log_setup import ALL_RANKS, get_logger
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "odise_pl"
 

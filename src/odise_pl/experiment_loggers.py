@@ -13,7 +13,7 @@ import re
 import secrets
 from pathlib import Path
 
-from odise_pl.logs import get_logger
+from odise_pl.log_setup import get_logger
 
 log = get_logger(__name__)
 

@@ -1,31 +1,51 @@
-"""Trainable-only checkpoints: load (Lightning ``.ckpt`` or ``.safetensors``) and export.
+"""Reading trainable-only checkpoints (Lightning ``.ckpt`` or ``.safetensors``), once per load.
 
-Frozen weights (SD, CLIP) never go into a checkpoint; they come from ``odise_pl.weights``.
-Nothing here unpickles code: ``torch.load(weights_only=True)`` or safetensors only.
+:func:`read_checkpoint_file` opens a file once and returns its trainable tensors with its checked
+description (:mod:`odise_pl.checkpoints.trust`); eval, the demos, the notebooks' loader and
+training's resume check all go through it. Frozen weights (SD, CLIP) never go into a checkpoint;
+they come from ``odise_pl.weights``. Nothing here unpickles code: ``torch.load(weights_only=True)``
+or safetensors only.
 """
 
 from __future__ import annotations
 
-import argparse
-import random
 import re
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io import TorchCheckpointIO
-from safetensors.torch import load_file, save
+from safetensors import safe_open
 from torch import nn
 
-from odise_pl.checkpoint_config import KEY, read_description, safetensors_metadata
-from odise_pl.errors import CheckpointError, OdiseError, say_error
-from odise_pl.fs import atomic_write, check_writable_file
-from odise_pl.logs import configure_cli, get_logger
+from odise_pl.checkpoints.trust import KEY, check_description
+from odise_pl.errors import CheckpointError
+from odise_pl.fs import atomic_write
 from odise_pl.weights import safe_torch_load
 
-log = get_logger(__name__)
+
+@dataclass
+class CheckpointFile:
+    """One checkpoint, read once.
+
+    Attributes:
+        path: the file.
+        state: trainable tensors by name, relative to the ODISE net (``transformer_decoder...``).
+        description: the checked model description, or None for files written without one.
+        raw: a ``.ckpt``'s whole dict (optimiser, loops, RNG: what a resume needs); None for
+            ``.safetensors``.
+    """
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    description: dict | None = None
+    raw: dict | None = field(default=None, repr=False)
+    stat: tuple = field(default=(), repr=False)
+
+    def shapes(self) -> dict[str, tuple]:
+        return {k: tuple(v.shape) for k, v in self.state.items()}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -37,7 +57,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     written to a temporary file *next to* its destination, flushed to disk, and renamed over it
     (atomic on POSIX): a failed write (disk full, quota, crash) leaves every earlier checkpoint intact.
     Remote paths (``s3://`` ...) keep Lightning's behaviour.
+
+    ``preloaded``: the resume checkpoint training already read (and checked) before building the
+    model; Lightning's own load of the same, unchanged file gets it instead of a second read.
     """
+
+    def __init__(self, preloaded: CheckpointFile | None = None):
+        super().__init__()
+        self._preloaded = preloaded
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         fs, local = fsspec.core.url_to_fs(str(path))
@@ -49,6 +76,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """Every checkpoint Lightning reads (resume, validate) with ``weights_only=True``, whatever
         the caller or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` asks: a checkpoint never runs code.
         """
+        pre, self._preloaded = self._preloaded, None  # handed out once, then freed
+        if pre is not None and pre.raw is not None and _stat(Path(path)) == pre.stat:
+            return pre.raw
         return read_checkpoint(path, map_location)
 
 
@@ -84,27 +114,64 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
-def read_trainable(path: str | Path) -> dict[str, torch.Tensor]:
-    """Trainable weights of the ODISE net (keys relative to it) from a .ckpt or .safetensors file."""
+def _stat(path: Path) -> tuple:
+    try:
+        st = path.resolve().stat()
+    except OSError:
+        return ()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    import json
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(KEY)
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    if text is None:
+        return state, None
+    try:
+        return state, json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: the {KEY!r} metadata is not JSON ({err})") from err
+
+
+def read_checkpoint_file(path: str | Path, trust: bool = False) -> CheckpointFile:
+    """A ``.ckpt`` or ``.safetensors`` file, opened once: its trainable tensors and its description,
+    checked as data (:func:`~odise_pl.checkpoints.trust.check_description`; ``trust=True``, the
+    user's explicit ``trust_checkpoint_config``, skips the allowlist). Any failure is one
+    :class:`CheckpointError` naming the file.
+    """
     path = Path(path)
+    stat = _stat(path)
     if path.suffix == ".safetensors" and path.is_file():
-        try:
-            return load_file(str(path))
-        except Exception as err:
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-    ckpt = read_checkpoint(path)
-    state = ckpt.get("state_dict")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(
-            f"{path} holds no state_dict of weights (keys: {sorted(ckpt)[:6]}); give a checkpoint written "
-            "by `python -m odise_pl.train` (a .ckpt) or its export (.safetensors)"
-        )
-    return {k[len("net.") :] if k.startswith("net.") else k: v for k, v in state.items()}
+        state, desc = _read_safetensors(path)
+        raw = None
+    else:
+        raw = read_checkpoint(path)
+        state = raw.get("state_dict")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(
+                f"{path} holds no state_dict of weights (keys: {sorted(raw)[:6]}); give a checkpoint written "
+                "by `python -m odise_pl.train` (a .ckpt) or its export (.safetensors)"
+            )
+        state = {k[len("net.") :] if k.startswith("net.") else k: v for k, v in state.items()}
+        desc = raw.get(KEY)
+    if desc is not None:
+        desc = check_description(desc, path, trust=trust)
+    return CheckpointFile(path, state, desc, raw, stat)
 
 
-def load_trainable(net: nn.Module, path: str | Path) -> None:
-    """Load trainable weights into ``net`` (an ODISE); every trainable weight must be present."""
-    state = read_trainable(path)
+def load_trainable(net: nn.Module, ckpt: CheckpointFile | str | Path) -> None:
+    """Load trainable weights into ``net`` (an ODISE); every trainable weight must be present, with
+    its shape and kind (a floating-point weight never comes from an integer tensor).
+    """
+    if not isinstance(ckpt, CheckpointFile):
+        ckpt = read_checkpoint_file(ckpt)
+    path, state = ckpt.path, ckpt.state
     own = net.trainable_state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -119,6 +186,13 @@ def load_trainable(net: nn.Module, path: str | Path) -> None:
         raise CheckpointError(
             f"{path}: shapes differ for {bad[:3]} ({[tuple(state[k].shape) for k in bad[:3]]} "
             f"vs {[tuple(own[k].shape) for k in bad[:3]]})"
+        )
+    kinds = [k for k in own if own[k].is_floating_point() != state[k].is_floating_point()]
+    if kinds:
+        k = kinds[0]
+        raise CheckpointError(
+            f"{path}: {k} is {state[k].dtype} in the file, the model's is {own[k].dtype} "
+            f"({len(kinds)} such tensors); the file was not written by odise_pl's export or converter"
         )
     net.load_state_dict(state, strict=False)
 
@@ -176,82 +250,3 @@ def describe_mismatch(ckpt: dict[str, tuple], model: dict[str, tuple]) -> list[s
         out += [f"missing in the checkpoint: {', '.join(missing[:3])}"] if missing else []
         out += [f"not in this model: {', '.join(extra[:3])}"] if extra else []
     return out
-
-
-def export_safetensors(ckpt_path: str | Path, out: str | Path) -> Path:
-    """A Lightning checkpoint -> one ``.safetensors`` file of the trainable weights (for inference),
-    written atomically; the checkpoint itself is never the output.
-    """
-    ckpt_path, out = Path(ckpt_path), Path(out)
-    if out.exists() and (out.is_dir() or out.resolve() == ckpt_path.resolve() or out.samefile(ckpt_path)):
-        what = "a directory" if out.is_dir() else "the checkpoint being exported"
-        raise CheckpointError(
-            f"the output {out} is {what}; give a new file name, e.g. {ckpt_path.with_suffix('.safetensors')}"
-        )
-    check_writable_file(out)
-    state = {k: v.contiguous() for k, v in read_trainable(ckpt_path).items()}
-    meta = safetensors_metadata(read_description(ckpt_path))
-    atomic_write(out, lambda f: f.write(save(state, metadata=meta or None)))
-    return out
-
-
-class TrainableOnlyCheckpoints:
-    """LightningModule hooks (a mixin of :class:`~odise_pl.lit_module.ODISELitModule`): a checkpoint
-    holds the trainable weights only (1.5B frozen parameters are rebuilt from their sources), the RNG
-    state (point sampling in the matcher and criterion draws from it: a resumed run continues
-    exactly) and, once training set it, the model's description (:mod:`odise_pl.checkpoint_config`).
-    Loading requires every trainable weight of the module.
-    """
-
-    def _frozen_prefixes(self) -> tuple[str, ...]:
-        return tuple(f"net.{p}" for p in self.net.frozen_prefixes())
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        frozen = self._frozen_prefixes()
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)
-        }
-        # Point sampling in the matcher / criterion draws from these: a resumed run continues exactly.
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        checkpoint["rng"] = {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
-        # the file rebuilds its model alone (checkpoint_config.py)
-        if getattr(self, "description", None) is not None:
-            checkpoint[KEY] = {**self.description, "vocabulary": self.vocabulary, "isthing": self.isthing}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        frozen = self._frozen_prefixes()
-        missing = sorted(
-            {k for k in self.state_dict() if not k.startswith(frozen)} - set(checkpoint["state_dict"])
-        )
-        if missing:
-            raise CheckpointError(
-                f"checkpoint lacks {len(missing)} trained weights of this model (e.g. {missing[:3]}); "
-                "it was written by a different model configuration"
-            )
-        rng = checkpoint.get("rng")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            random.setstate(rng["python"])
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m odise_pl.checkpoint export CKPT OUT.safetensors``."""
-    p = argparse.ArgumentParser(description="Export a trainable-only checkpoint to safetensors.")
-    p.add_argument("command", choices=["export"])
-    p.add_argument("ckpt")
-    p.add_argument("out")
-    a = p.parse_args(argv)
-    configure_cli()
-    try:
-        out = export_safetensors(a.ckpt, a.out)
-    except OdiseError as err:
-        say_error(str(err))
-        return 2
-    log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
