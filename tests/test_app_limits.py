@@ -23,7 +23,6 @@ from odise_pl.app import InputError, Segmenter, build_app
 from odise_pl.inference.limits import InputLimits, LimitError
 from odise_pl.model.clip import clip_text
 from odise_pl.model.text_cache import TensorLRU
-
 from test_app import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +108,11 @@ def test_only_the_last_requests_stay_on_disk(segmenter, image):
     for _ in range(4):
         overlay, _, files = segmenter(image, "cat; grass", [], "random")
     folders = sorted(p.name for p in segmenter.out_root.iterdir())
-    assert folders == ["0000003", "0000004"] and Path(overlay).is_file() and all(Path(f).is_file() for f in files)
+    assert (
+        folders == ["0000003", "0000004"]
+        and Path(overlay).is_file()
+        and all(Path(f).is_file() for f in files)
+    )
 
 
 def test_gradio_sweeps_its_cache(segmenter):
