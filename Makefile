@@ -48,15 +48,18 @@ test-slow: setup ## run the slow tests too (full-size random-weight models; minu
 smoke-full: setup ## full-size caption_512 with random weights, 2 training steps on CPU
 	$(PY) -m pytest -q -m slow tests/test_smoke_full.py $(ARGS)
 
+# BENCH_ARGS=--tiny: every benchmark's seconds-long smoke run (what the test suite runs).
+BENCH_ARGS ?=
+BENCH_OUT ?= benchmarks/out/last_run.txt
 bench: setup ## benchmarks: ours vs a baseline measured in the same run (prints ratios; 10-15 min on 2 cores)
-	@mkdir -p benchmarks/out
+	@mkdir -p $(dir $(BENCH_OUT))
 	@set -o pipefail; { \
 	  echo "# make bench, $$(date -u +%F) on $$($(PY) -c 'import platform, os; print(platform.processor() or platform.machine(), os.cpu_count(), "cores")')"; \
-	  $(PY) benchmarks/bench_pq.py && \
-	  $(PY) benchmarks/bench_decoder.py && \
-	  $(PY) benchmarks/bench_data.py && \
-	  $(PY) benchmarks/bench_inference.py; \
-	} 2>&1 | grep --line-buffered -v -i "warn\|Seed set\|available:\|Tip:" | tee benchmarks/out/last_run.txt
+	  $(PY) benchmarks/bench_pq.py $(BENCH_ARGS) && \
+	  $(PY) benchmarks/bench_decoder.py $(BENCH_ARGS) && \
+	  $(PY) benchmarks/bench_data.py $(BENCH_ARGS) && \
+	  $(PY) benchmarks/bench_inference.py $(BENCH_ARGS); \
+	} 2>&1 | grep --line-buffered -v -i "warn\|Seed set\|available:\|Tip:" | tee $(BENCH_OUT)
 
 device-kit: setup ## wheels of what the GPU machine lacks, for its Python 3.12, into .device-kit/ (for benchmarks/gpu/run.sh)
 	PY=$(PY) bash scripts/device_kit.sh .device-kit

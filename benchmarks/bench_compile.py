@@ -38,8 +38,18 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="seconds-long smoke run (what the test suite runs): small sizes, one repeat",
+    )
     a = p.parse_args(argv)
-    backbone = build("label_512").net.backbone.to(a.device)
+    if a.tiny:
+        a.repeats = 1
+    if a.tiny:
+        a.size = 64
+    experiment = ("tiny", ("weights.mode=tiny",)) if a.tiny else ("label_512", ())
+    backbone = build(*experiment).net.backbone.to(a.device)
     cl = torch.channels_last
     latent = a.size // 8
     parts = {
@@ -54,7 +64,11 @@ def main(argv=None) -> int:
                 torch.randn(1, 4, latent, latent, device=a.device).contiguous(memory_format=cl),
                 torch.zeros(1, dtype=torch.long, device=a.device),
             ),
-            {"encoder_hidden_states": torch.randn(1, 77, 768, device=a.device)},
+            {
+                "encoder_hidden_states": torch.randn(
+                    1, 77, backbone.unet.config.cross_attention_dim, device=a.device
+                )
+            },
         ),
     }
     for name, (module, args, kwargs) in parts.items():

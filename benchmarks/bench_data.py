@@ -114,12 +114,19 @@ def main(argv=None) -> dict:
     p.add_argument("--scale", type=int, default=4)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=6)
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="seconds-long smoke run (what the test suite runs): small sizes, one repeat",
+    )
     a = p.parse_args(argv)
+    if a.tiny:
+        a.images, a.scale, a.workers, a.batches = 4, 1, 0, 2
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         make_data(root, a.images, a.scale)
-        consumed = consume_rate(root, steps=4)
+        consumed = consume_rate(root, steps=2 if a.tiny else 4)
         print(f"tiny training step consumes {consumed:.1f} images/s on this CPU", flush=True)
         for experiment, lsj in (("tiny", 128), ("label_1024", 1024)):
             for workers in sorted({0, a.workers}):

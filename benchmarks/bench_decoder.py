@@ -23,7 +23,7 @@ from odise_pl.model.mask_classifier import MaskClassifier
 from odise_pl.model.pixel_decoder import MSDeformAttnPixelDecoder
 from odise_pl.model.transformer_decoder import MaskedTransformerDecoder
 
-NUM_CLASSES, IN_CH, EMBED = 133, 512, 768
+NUM_CLASSES, IN_CH, EMBED, TEXT = 133, 512, 256, 768  # official: mask embeddings of mask_dim, CLIP text 768
 
 
 def make_inputs(batch: int, size: int, seed: int = 0):
@@ -59,9 +59,9 @@ class Ours(nn.Module):
             in_channels=256, mask_dim=256, hidden_dim=256, num_queries=100, num_heads=8, dim_feedforward=2048,
             num_layers=9, embed_dim=EMBED,
         )  # fmt: skip
-        self.classifier = MaskClassifier(embed_dim=EMBED)
+        self.classifier = MaskClassifier(text_dim=TEXT, embed_dim=EMBED)
         self.criterion = SetCriterion(matcher=HungarianMatcher())
-        text = torch.nn.functional.normalize(torch.randn(NUM_CLASSES, 1, EMBED), dim=-1)
+        text = torch.nn.functional.normalize(torch.randn(NUM_CLASSES, 1, TEXT), dim=-1)
         self.register_buffer("text", text)
         self.register_buffer("valid", torch.ones(NUM_CLASSES, 1, dtype=torch.bool))
 
@@ -136,7 +136,14 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="seconds-long smoke run (what the test suite runs): small sizes, one repeat",
+    )
     a = p.parse_args(argv)
+    if a.tiny:
+        a.size, a.batch, a.repeats, a.precision = 64, 1, 1, ["fp32"]
     torch.manual_seed(0)
     feats, targets = make_inputs(a.batch, a.size)
     ours = Ours().train()

@@ -76,7 +76,7 @@ def stage_timers(net) -> dict:
     return totals
 
 
-def run_one(size: int, path: str, precision: str, repeats: int, out: Path) -> None:
+def run_one(size: int, path: str, precision: str, repeats: int, out: Path, tiny: bool = False) -> None:
     """One configuration (in its own process): times, stages, outputs saved for comparison."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     from odise_pl.data.vocab import dataset_vocab
@@ -93,7 +93,10 @@ def run_one(size: int, path: str, precision: str, repeats: int, out: Path) -> No
         if optimised
         else ["model.net.windows_per_pass=1"]
     )
-    module = build("label_1024" if size > 512 else "label_512", tuple(switches))
+    if tiny:  # the smoke run: the tiny experiment's models, same code path
+        module = build("tiny", ("weights.mode=tiny", *switches))
+    else:
+        module = build("label_1024" if size > 512 else "label_512", tuple(switches))
     net = module.net
     predictor = module.make_predictor(mode="ensemble", precision=precision if optimised else "fp32")
     vocab = dataset_vocab("coco")
@@ -145,17 +148,26 @@ def main(argv=None) -> dict:
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up")
     p.add_argument("--one", nargs=3, metavar=("SIZE", "PATH", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="seconds-long smoke run (what the test suite runs): the tiny experiment at 128^2",
+    )
     a = p.parse_args(argv)
     if a.one:
-        run_one(int(a.one[0]), a.one[1], a.precision, a.repeats, Path(a.one[2]))
+        run_one(int(a.one[0]), a.one[1], a.precision, a.repeats, Path(a.one[2]), a.tiny)
         return {}
+    if a.tiny:
+        a.sizes = [128]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for size in a.sizes:
             for path in ("eager", "optimised"):
                 cmd = [sys.executable, __file__, "--one", str(size), path, tmp, "--precision", a.precision]
-                subprocess.run([*cmd, "--repeats", str(a.repeats)], check=True)
+                subprocess.run(
+                    [*cmd, "--repeats", str(a.repeats), *(["--tiny"] if a.tiny else [])], check=True
+                )
             r = {
                 path: json.loads((out / f"{size}_{path}.json").read_text()) for path in ("eager", "optimised")
             }
@@ -182,7 +194,7 @@ def main(argv=None) -> dict:
                 f"(relative L2); segmented / void pixels agree on {agree:.2%}"
             )
             print(
-                f"full-size inference {size}^2: ours {1 / to:.3f} images/s, baseline {1 / te:.3f} images/s, "
+                f"{'tiny' if a.tiny else 'full-size'} inference {size}^2: ours {1 / to:.3f} images/s, baseline {1 / te:.3f} images/s, "
                 f"ratio {to / te:.2f} (time; {te / to:.2f}x faster)",
                 flush=True,
             )

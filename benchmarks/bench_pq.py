@@ -112,7 +112,14 @@ def main(argv=None) -> int:
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--instances", type=int, default=10, help="extra object instances per image (COCO-like)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="seconds-long smoke run (what the test suite runs): small sizes, one repeat",
+    )
     a = p.parse_args(argv)
+    if a.tiny:
+        a.images, a.scale, a.repeats, a.instances = 6, 1, 1, 2
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         gt_json, gt_dir, pred_json, pred_dir = make_data(Path(tmp), a.images, a.scale, a.instances)

@@ -35,7 +35,11 @@ def collect(sweep_dir: Path) -> tuple[list[str], list[tuple[str, dict]]]:
         if not over.is_file():
             continue
         overrides = yaml.safe_load(over.read_text()) or []
-        runs.append((overrides, read_metrics(run)))
+        metrics = read_metrics(run)
+        error = run / "error.txt"  # a failed point (odise_pl/sweep.py)
+        if metrics is None and error.is_file():
+            metrics = {"error": " ".join(error.read_text().split())[:160]}
+        runs.append((overrides, metrics))
     if not runs:
         raise SystemExit(f"error: no runs (folders with .hydra/overrides.yaml) in {sweep_dir}")
     common = set(runs[0][0]).intersection(*(set(o) for o, _ in runs))
@@ -46,11 +50,11 @@ def collect(sweep_dir: Path) -> tuple[list[str], list[tuple[str, dict]]]:
 def table(rows: list[tuple[str, dict]]) -> str:
     lines = ["| run | " + " | ".join(n for _, n in COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
     for name, m in rows:
-        cells = (
-            ["(failed: no metrics)"] + [""] * (len(COLUMNS) - 1)
-            if m is None
-            else [f"{m[k]:.1f}" if k in m else "" for k, _ in COLUMNS]
-        )
+        if m is None or "error" in m:
+            failed = f"(failed: {m['error']})" if m else "(failed: no metrics)"
+            cells = [failed.replace("|", "/")] + [""] * (len(COLUMNS) - 1)
+        else:
+            cells = [f"{m[k]:.1f}" if k in m else "" for k, _ in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

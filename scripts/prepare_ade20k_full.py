@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from odise_pl.data.prepare import prepare_ade20k_full
-from odise_pl.errors import DatasetError
+from odise_pl.errors import OdiseError
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,5 +27,5 @@ if __name__ == "__main__":
     try:
         for path in prepare_ade20k_full(a.root, tuple(a.splits), a.max_size):
             print(f"wrote {path}")
-    except DatasetError as err:
+    except OdiseError as err:
         sys.exit(f"error: {err}")

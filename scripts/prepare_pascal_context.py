@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from odise_pl.data.prepare import prepare_pascal_context
-from odise_pl.errors import DatasetError
+from odise_pl.errors import OdiseError
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,5 +24,5 @@ if __name__ == "__main__":
     a = p.parse_args()
     try:
         print(f"wrote {prepare_pascal_context(a.voc2010, a.labels, a.out, a.split_file)}")
-    except DatasetError as err:
+    except OdiseError as err:
         sys.exit(f"error: {err}")

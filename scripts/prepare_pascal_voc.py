@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from odise_pl.data.prepare import prepare_pascal_voc
-from odise_pl.errors import DatasetError
+from odise_pl.errors import OdiseError
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -21,5 +21,5 @@ if __name__ == "__main__":
     a = p.parse_args()
     try:
         print(f"wrote {prepare_pascal_voc(a.voc2012, a.out, a.split)}")
-    except DatasetError as err:
+    except OdiseError as err:
         sys.exit(f"error: {err}")

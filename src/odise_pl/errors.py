@@ -81,15 +81,29 @@ def say_error(message: str) -> None:
 
 
 def exit_on_user_error(fn):
-    """Decorator for entry points: a user error becomes ``error: <message>`` on stderr and exit 2."""
+    """Decorator for entry points: a user error becomes ``error: <message>`` on stderr and exit 2.
+
+    In a Hydra multirun the point's failure (a user error or a bug, whose traceback goes to the log)
+    is recorded in its folder and the point returns None, so the sweep goes on
+    (:mod:`odise_pl.sweep` reports the failures at its end).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from odise_pl.sweep import multirun_job_dir, record_failure
+
         try:
             return fn(*args, **kwargs)
         except Exception as err:
-            if not report_user_error(err):
-                raise
-            sys.exit(2)
+            job_dir = multirun_job_dir()
+            user = report_user_error(err)
+            if job_dir is None:
+                if not user:
+                    raise
+                sys.exit(2)
+            if not user:
+                logging.getLogger("odise_pl").exception("this sweep point failed")
+            record_failure(job_dir, str(find_user_error(err) or f"{type(err).__name__}: {err}"))
+            return None
 
     return wrapper

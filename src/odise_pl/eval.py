@@ -8,7 +8,6 @@ writes ``results.md`` and ``results.json`` to the run folder.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import hydra
 import lightning as L
@@ -22,6 +21,7 @@ from odise_pl.data.transforms import ResizeShortestEdge
 from odise_pl.data.vocab import Vocabulary, dataset_vocab
 from odise_pl.errors import exit_on_user_error
 from odise_pl.evaluation.lit_eval import EvalDataModule, OpenVocabEvaluation
+from odise_pl.fs import check_writable_dir
 from odise_pl.inference.predictor import Predictor
 from odise_pl.log_setup import get_logger
 
@@ -130,6 +130,7 @@ def evaluate(cfg: DictConfig) -> dict:
     """Build the model from ``cfg`` (or from the checkpoint's own description), load the
     checkpoint, evaluate every dataset; results are written by the first process.
     """
+    out = check_writable_dir(cfg.paths.output_dir)  # before the evaluation, not after it
     ckpt = read_checkpoint_file(cfg.ckpt_path, trust=cfg.trust_checkpoint_config) if cfg.ckpt_path else None
     desc = ckpt.description if ckpt else None
     cfg = resolve_from_checkpoint(cfg, desc, cfg.ckpt_path, "eval")
@@ -155,8 +156,6 @@ def evaluate(cfg: DictConfig) -> dict:
     table = results_table(results, papers, module.supervision)
     if trainer.is_global_zero:
         log.info("%s", table)
-        out = Path(cfg.paths.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
         (out / "results.md").write_text(table + "\n")
         (out / "results.json").write_text(
             json.dumps(

@@ -106,8 +106,7 @@ class RunLock:
     NAME = ".run.lock"
 
     def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder = check_writable_dir(folder)  # an unusable folder: one line, before anything
         self.path = self.folder / self.NAME
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -19,7 +19,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from odise_pl.callbacks.preemption import SaveOnPreemption
+from odise_pl.callbacks.preemption import Preempted, SaveFinalState, SaveOnPreemption, newest_checkpoint
 from odise_pl.callbacks.training_guards import BadSampleReport, ConfiguredOptimizerOnResume
 from odise_pl.checkpoints import (
     AtomicCheckpointIO,
@@ -57,8 +57,15 @@ def build(cfg: DictConfig, resume: CheckpointFile | None = None):
     callbacks = instantiate_dict(cfg.get("callbacks"))
     if not loggers:  # `logger=none`: nothing to monitor the learning rate into (Lightning would refuse)
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
-    # Always on: what a long run needs whatever the callbacks config says.
-    callbacks += [SaveOnPreemption(), ConfiguredOptimizerOnResume(), BadSampleReport()]
+    # Always on: what a long run needs whatever the callbacks config says; the final state's save
+    # first, so that no other callback's end-of-training hook runs before it.
+    callbacks = [
+        SaveFinalState(),
+        *callbacks,
+        SaveOnPreemption(),
+        ConfiguredOptimizerOnResume(),
+        BadSampleReport(),
+    ]
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO(resume)]
     )
@@ -185,11 +192,22 @@ def _train(cfg: DictConfig, resume: CheckpointFile | None = None) -> dict:
     for logger in trainer.loggers:
         logger.log_hyperparams(hparams)
     before = {}
-    if cfg.get("validate_before_training"):
-        before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-        log.info("before training: %s", format_metrics(before))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    stage = "validation before training"
+    try:
+        if cfg.get("validate_before_training"):
+            before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+            log.info("before training: %s", format_metrics(before))
+        stage = "training"
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        stage = "validation after training"
+        metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    except SIGTERMException as err:
+        saved = next(
+            (c.saved for c in trainer.callbacks if isinstance(c, SaveOnPreemption) and c.saved), None
+        )
+        final = next((c.saved for c in trainer.callbacks if isinstance(c, SaveFinalState)), None)
+        folder = SaveOnPreemption.checkpoint_path(trainer).parent
+        raise Preempted(stage, saved or final, newest_checkpoint(folder)) from err
     if before:
         log.info("before training: %s", format_metrics(before))
     log.info("after training:  %s", format_metrics(metrics))
@@ -200,15 +218,26 @@ def _train(cfg: DictConfig, resume: CheckpointFile | None = None) -> dict:
     return metrics
 
 
+def preempted_message(stop: Preempted) -> str:
+    """What is true after a SIGTERM: the file saved for it, else the newest earlier one, else none."""
+    if stop.saved is not None:
+        return f"stopped by SIGTERM; saved {stop.saved}: resume with ckpt_path={stop.saved}"
+    if stop.newest is not None:
+        return (
+            f"stopped by SIGTERM during {stop.stage}, before anything could be saved; the newest checkpoint "
+            f"is {stop.newest}: resume with ckpt_path={stop.newest}"
+        )
+    return f"stopped by SIGTERM during {stop.stage}, before any checkpoint was written: start the run again"
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns val/pq (for Hydra sweepers)."""
     try:
         metrics = train(cfg)
-    except SIGTERMException:
-        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        say_error(f"stopped by SIGTERM; saved {last}: resume with ckpt_path={last}")
+    except Preempted as stop:
+        say_error(preempted_message(stop))
         sys.exit(143)  # 128 + SIGTERM: the scheduler sees the job did not finish
     # Multiruns execute jobs in this process: free the finished job's model now (trainer <-> module
     # reference cycles would otherwise keep a 1.5B-parameter model alive into the next job).

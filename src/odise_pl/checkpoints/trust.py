@@ -96,7 +96,7 @@ def check_plain_config(node: Any, source: Any, prefix: str, allow_refs: bool = F
     is plain values whose ``_target_``s are all :data:`MODEL_TARGETS` (see the module docstring).
 
     ``allow_refs``: accept strings that are exactly one reference to another stored key,
-    ``${model.a.b}`` / ``${weights.x}`` (how descriptions of format 1 stored shared values; the
+    ``${weights.sd_source}`` / ``${model.net.pixel_decoder.conv_dim}`` (how descriptions of format 1 stored shared values; the
     caller substitutes them by lookup, never by OmegaConf resolution).
     """
 
@@ -133,7 +133,7 @@ _REFERENCE = re.compile(r"^\$\{((?:model|weights)(?:\.[A-Za-z_][A-Za-z0-9_]*)+)\
 
 
 def is_reference(value: Any) -> bool:
-    """``${model.x.y}`` / ``${weights.z}``, alone in the string."""
+    """A whole string that is one reference, like ``${weights.mode}``."""
     return isinstance(value, str) and _REFERENCE.match(value) is not None
 
 

@@ -160,7 +160,12 @@ def training_vocabulary(source: str, categories: list[dict]) -> list[list[str]]:
     on the COCO panoptic synonym lists (``coco``), max over synonyms, as at test time.
     """
     if source == "dataset":
-        return [[c["name"]] for c in categories]
+        names = [[c["name"]] for c in categories]
+        try:  # two categories of one name cannot be told apart: refused here as evaluation refuses them
+            Vocabulary(names)
+        except VocabularyError as err:
+            raise VocabularyError(f"the training dataset's categories: {err}") from None
+        return names
     vocab = dataset_vocab(source)
     by_id = dict(zip(vocab.ids, vocab.names))
     ours = {c["id"] for c in categories}

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-from odise_pl.data.io import read_ids
-from odise_pl.errors import PanopticEvalError, say_error
+from odise_pl.data.io import json_kind, read_ids, read_json
+from odise_pl.errors import OdiseError, PanopticEvalError, say_error
+from odise_pl.fs import check_writable_file
 from odise_pl.log_setup import configure_cli, get_logger
 
 log = get_logger(__name__)
@@ -236,13 +237,21 @@ def evaluate_files(
     pred_folder: str | Path,
     workers: int | None = None,
 ) -> dict:
-    """COCO-format ground truth + predictions on disk -> results (see :func:`summarize`)."""
-    with open(gt_json) as f:
-        gt = json.load(f)
-    with open(pred_json) as f:
-        pred = json.load(f)
+    """COCO-format ground truth + predictions on disk -> results (see :func:`summarize`). Every
+    structural problem of either file is a :class:`PanopticEvalError` naming the file and the entry.
+    """
+    gt = read_panoptic_json(Path(gt_json), "ground-truth JSON", with_categories=True)
+    pred = read_panoptic_json(Path(pred_json), "prediction JSON", with_categories=False)
     categories = sorted(gt["categories"], key=lambda c: c["id"])
     cat_index = {c["id"]: k for k, c in enumerate(categories)}
+    for name, data in ((pred_json, pred), (gt_json, gt)):
+        for a in data["annotations"]:
+            for seg in a["segments_info"]:
+                if seg["category_id"] not in cat_index:
+                    raise PanopticEvalError(
+                        f"{name}: segment {seg['id']} of image {a['image_id']} has category_id "
+                        f"{seg['category_id']!r}, not one of the ground truth's categories"
+                    )
     preds = {a["image_id"]: a for a in pred["annotations"]}
     pairs = []
     for a in gt["annotations"]:
@@ -258,6 +267,39 @@ def evaluate_files(
         with ProcessPoolExecutor(workers) as ex:
             stats = sum(ex.map(_eval_files, [(c, gt_folder, pred_folder, cat_index) for c in chunks]))
     return summarize(stats, categories)
+
+
+def read_panoptic_json(path: Path, what: str, with_categories: bool) -> dict:
+    """A COCO panoptic JSON with its structure checked: ``annotations`` (and ``categories``) lists,
+    each annotation with ``image_id``, ``file_name`` and ``segments_info``, each segment with ``id``
+    and ``category_id``.
+    """
+
+    def bad(where: str, why: str) -> PanopticEvalError:
+        return PanopticEvalError(f"{what} {path}: {where} {why}; is it a COCO panoptic JSON?")
+
+    data = read_json(path, what, "check the path")
+    if not isinstance(data, dict):
+        raise bad("the top level", f"is {json_kind(data)}, not an object with 'annotations'")
+    keys = ("annotations", "categories") if with_categories else ("annotations",)
+    for key in keys:
+        if not isinstance(data.get(key), list):
+            raise bad(f"{key!r}", f"is {json_kind(data.get(key)) if key in data else 'missing'}, not a list")
+    for i, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict):
+            raise bad(f"annotation {i}", f"is {json_kind(a)}, not an object")
+        for key in ("image_id", "file_name", "segments_info"):
+            if key not in a:
+                raise bad(f"annotation {i} (image {a.get('image_id', '?')})", f"has no {key!r}")
+        if not isinstance(a["segments_info"], list):
+            raise bad(f"annotation {i}", "has a 'segments_info' that is not a list")
+        for j, seg in enumerate(a["segments_info"]):
+            if not isinstance(seg, dict) or "id" not in seg or "category_id" not in seg:
+                raise bad(f"segment {j} of image {a['image_id']}", "lacks 'id' or 'category_id'")
+    for i, c in enumerate(data.get("categories", [])):
+        if not isinstance(c, dict) or "id" not in c:
+            raise bad(f"category {i}", "has no 'id'")
+    return data
 
 
 class PanopticEvaluator(Metric):
@@ -307,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     a = p.parse_args(argv)
     configure_cli()
+    try:
+        if a.output:
+            check_writable_file(a.output)  # before the evaluation, not after it
+    except OdiseError as err:
+        say_error(str(err))
+        return 2
     for path in (a.gt_json, a.pred_json):
         if not Path(path).is_file():
             say_error(f"file not found: {path}")
@@ -317,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         results = evaluate_files(a.gt_json, a.gt_folder, a.pred_json, a.pred_folder, a.workers)
-    except (PanopticEvalError, FileNotFoundError, KeyError) as err:
+    except OdiseError as err:
         say_error(str(err))
         return 2
     log.info(format_table(results))

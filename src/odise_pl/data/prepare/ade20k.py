@@ -14,6 +14,7 @@ from odise_pl.data.io import ids_to_rgb
 from odise_pl.data.prepare.common import need
 from odise_pl.data.vocab import dataset_vocab
 from odise_pl.errors import DatasetError
+from odise_pl.fs import check_writable_dir
 
 ADE_SPLITS = {"validation": "val", "training": "train"}
 
@@ -94,7 +95,9 @@ def ade_panoptic_image(sem: np.ndarray, inst: np.ndarray, mapping: dict[int, int
 
 def prepare_ade20k(root: str | Path, splits: tuple[str, ...] = ("validation",)) -> list[Path]:
     """ADEChallengeData2016 -> ``ade20k_panoptic_{val,train}[.json]`` and ``annotations_detectron2/``."""
-    root = Path(root)
+    root = check_writable_dir(
+        need(Path(root), "ADEChallengeData2016 folder")
+    )  # outputs go here: before the work
     mapping, cats = ade_thing_mapping(), ade_categories()
     things = {c["id"] for c in cats if c["isthing"]}
     written = []

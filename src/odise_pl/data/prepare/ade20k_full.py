@@ -15,6 +15,7 @@ from odise_pl.data.io import load_image
 from odise_pl.data.prepare.ade20k import ADE_SPLITS
 from odise_pl.data.prepare.common import need, plain_vocab, within
 from odise_pl.errors import DatasetError
+from odise_pl.fs import check_writable_dir
 
 # Full-ADE class ids of a few of the 847 classes, as Mask2Former's ADE20K-full registration numbers
 # them (facts). They fix how `objectnames` positions in index_ade20k.pkl translate into the class
@@ -128,8 +129,13 @@ def load_ade_full_index(path: str | Path) -> dict:
             index = _plain(_IndexUnpickler(f).load())
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, TypeError) as err:
         raise DatasetError(f"cannot read {path}: {err}; re-download ADE20K_2021_17_01") from err
+    if not isinstance(index, dict):
+        raise DatasetError(
+            f"{path} is not ADE20K_2021_17_01's index (its top level is a {type(index).__name__}, not a "
+            "dict); re-download ADE20K_2021_17_01"
+        )
     missing = [k for k in ("folder", "filename", "objectnames") if k not in index]
-    if not isinstance(index, dict) or missing:
+    if missing:
         raise DatasetError(f"{path} is not ADE20K_2021_17_01's index (no {missing})")
     return index
 
@@ -197,7 +203,9 @@ def prepare_ade20k_full(
     As in the official preparation, images and labels whose shorter side exceeds ``max_size`` are
     resized to it (bilinear / nearest): the benchmark is evaluated at that resolution.
     """
-    root = Path(root)
+    root = check_writable_dir(
+        need(Path(root), "ADE20K_2021_17_01 folder")
+    )  # outputs go here: before the work
     index = load_ade_full_index(root / "index_ade20k.pkl")
     lut = ade_full_id_map(list(index["objectnames"]))
     written = []

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from odise_pl.data.prepare.common import copy_image, need, plain_vocab, within
 from odise_pl.errors import DatasetError
+from odise_pl.fs import check_writable_dir
 
 # The 59-class list names PASCAL's "diningtable" what the 459-class list calls "table".
 PC59_ALIASES = {"diningtable": "table"}
@@ -34,7 +35,7 @@ def prepare_pascal_context(
     """
     from scipy.io import loadmat
 
-    voc2010, labels_dir, out = Path(voc2010), Path(labels_dir), Path(out)
+    voc2010, labels_dir, out = Path(voc2010), Path(labels_dir), check_writable_dir(out)
     names = need(Path(split_file), "split list").read_text().split()
     img_out = out / "images" / "validation"
     full_out, small_out = out / "annotations_ctx459" / "validation", out / "annotations_ctx59" / "validation"

@@ -10,11 +10,12 @@ from tqdm import tqdm
 
 from odise_pl.data.prepare.common import copy_image, need, within
 from odise_pl.errors import DatasetError
+from odise_pl.fs import check_writable_dir
 
 
 def prepare_pascal_voc(voc2012: str | Path, out: str | Path, split: str = "val") -> Path:
     """VOC2012 -> ``OUT/images/validation`` + ``OUT/annotations_pascal21/validation`` (0..20, 255)."""
-    voc2012, out = Path(voc2012), Path(out)
+    voc2012, out = Path(voc2012), check_writable_dir(out)
     names = (
         need(voc2012 / "ImageSets" / "Segmentation" / f"{split}.txt", "VOC split list").read_text().split()
     )
