@@ -51,14 +51,15 @@ smoke-full: setup ## full-size caption_512 with random weights, 2 training steps
 # BENCH_ARGS=--tiny: every benchmark's seconds-long smoke run (what the test suite runs).
 BENCH_ARGS ?=
 BENCH_OUT ?= benchmarks/out/last_run.txt
-bench: setup ## benchmarks: ours vs a baseline measured in the same run (prints ratios; 10-15 min on 2 cores)
+bench: setup ## benchmarks: ours vs a baseline measured in the same run (prints five ratios; 15-20 min on 2 cores)
 	@mkdir -p $(dir $(BENCH_OUT))
 	@set -o pipefail; { \
 	  echo "# make bench, $$(date -u +%F) on $$($(PY) -c 'import platform, os; print(platform.processor() or platform.machine(), os.cpu_count(), "cores")')"; \
 	  $(PY) benchmarks/bench_pq.py $(BENCH_ARGS) && \
 	  $(PY) benchmarks/bench_decoder.py $(BENCH_ARGS) && \
 	  $(PY) benchmarks/bench_data.py $(BENCH_ARGS) && \
-	  $(PY) benchmarks/bench_inference.py $(BENCH_ARGS); \
+	  $(PY) benchmarks/bench_inference.py $(BENCH_ARGS) && \
+	  $(PY) benchmarks/bench_predict.py $(BENCH_ARGS); \
 	} 2>&1 | grep --line-buffered -v -i "warn\|Seed set\|available:\|Tip:" | tee $(BENCH_OUT)
 
 device-kit: setup ## wheels of what the GPU machine lacks, for its Python 3.12, into .device-kit/ (for benchmarks/gpu/run.sh)

@@ -191,7 +191,10 @@ def test_read_refuses_naming_key_and_value(tmp_path, good, marker, suffix, kind)
 def test_eval_refuses(tmp_path, good, marker, suffix, kind):
     path, named = make(tmp_path, good, kind, marker, suffix)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("eval", overrides=[f"paths.root_dir={tmp_path}", f"ckpt_path={path}"])
+        cfg = compose(
+            "eval",
+            overrides=[f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/e", f"ckpt_path={path}"],
+        )
     with pytest.raises(UntrustedConfigError, match=named.replace("$", r"\$").replace("{", r"\{")):
         evaluate(cfg)
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -50,6 +51,7 @@ def test_slurm_launcher_takes_nodes_gpus_time_partition_from_config():
     assert set(OmegaConf.to_container(launcher)) <= set(OmegaConf.structured(SlurmQueueConf)) | {"_target_"}
 
 
+@pytest.mark.slow
 def test_two_point_sweep_through_submitit_with_named_wandb_runs(tmp_path):
     """A 2-point sweep as submitit jobs (its local executor), each point logging to its own
     offline W&B run, named after the experiment and the point's override."""

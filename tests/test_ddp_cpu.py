@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 import torch
 
 
@@ -43,6 +44,7 @@ def _rel(a, b):
     )
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     one = _run(tmp_path, "one", 1, 4)
     two = _run(tmp_path, "two", 2, 2)

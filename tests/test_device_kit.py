@@ -97,6 +97,7 @@ def test_make_device_kit_gathers_wheels_for_python_312(tmp_path):
                     assert _norm(req.name) in KIT | IMAGE, f"{wheel.name} needs {req.name}: add it to kit.txt"
 
 
+@pytest.mark.slow
 def test_run_sh_rehearsal_on_cpu(tmp_path):
     """run.sh as the GPU machine runs it, at tiny sizes on CPU: every section reports, nothing fails."""
     out = tmp_path / "out"

@@ -117,6 +117,7 @@ def test_a_contradicting_config_names_both_values(trained, override, message):
         load_model(checkpoint=str(ckpt), overrides=[override])
 
 
+@pytest.mark.slow
 def test_two_process_evaluation_equals_one(trained, tmp_path):
     """`python -m odise_pl.eval trainer=ddp_cpu trainer.devices=2`: each process scores its share of
     the images, the metric states are synchronised: the same numbers as one process."""

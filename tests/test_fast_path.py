@@ -86,6 +86,7 @@ def saved_bytes(fn) -> int:
     return out, sum(seen.values())
 
 
+@pytest.mark.slow
 def test_unet_gradient_checkpointing_same_gradients_less_memory(inputs):
     images, cond = inputs
     grads, kept = {}, {}

@@ -29,6 +29,10 @@ CI = ".ci/run runs it (the default suite, then the slow suite)"
 
 # (pattern over a README command, the test that runs it: "file::function", or why none can here)
 RULES: list[tuple[str, str]] = [
+    # README "Your own data" (before the generic train / eval rules: the first match counts)
+    (r"^python -m odise_pl\.predict\b", "tests/test_own_data.py::test_convert_finetune_evaluate_predict"),
+    (r"^python -m odise_pl\.train experiment=\w+ data=custom", "tests/test_own_data.py::test_convert_finetune_evaluate_predict"),
+    (r"^python -m odise_pl\.eval ckpt_path=\S+ datasets=\[custom\]", "tests/test_own_data.py::test_convert_finetune_evaluate_predict"),
     (r"^make train\b", f"{HERE}::test_make_train_runs_the_default_experiment"),
     (r"^make test\b", CI),
     (r"^make test-slow\b", CI),
@@ -36,7 +40,7 @@ RULES: list[tuple[str, str]] = [
     (r"^make setup\b", "make test runs it first (a fresh .venv in CI)"),
     (r"^make browser\b", "make test runs it first"),
     (r"^make help\b", f"{HERE}::test_make_help_lists_the_targets"),
-    (r"^make bench\b", f"{HERE}::test_make_bench_prints_its_four_ratios"),
+    (r"^make bench\b", f"{HERE}::test_make_bench_prints_its_ratios"),
     (r"^make smoke-full\b", "tests/test_smoke_full.py::test_caption_512_two_steps_random_weights"),
     (r"^make app\b", "tests/test_app.py::test_the_page_in_a_headless_browser"),
     (r"^make gpu-rehearsal\b", "tests/test_device_kit.py::test_run_sh_rehearsal_on_cpu"),
@@ -58,6 +62,8 @@ RULES: list[tuple[str, str]] = [
     (r"^python -m odise_pl\.demo\b", "tests/test_demo.py::test_demo_writes_overlay_panoptic_png_and_json"),
     (r"^python -m odise_pl\.app\b", "tests/test_app_limits.py::test_http_disk_is_bounded_and_cleaned_at_shutdown"),
     (r"^python -m odise_pl\.checkpoints export", "tests/reliability/test_checkpoint_files.py::test_export_refuses_to_overwrite_its_input_and_writes_atomically"),
+    (r"^python scripts/convert_coco_instances\.py", "tests/test_convert_datasets.py::test_scripts_convert_with_one_line_errors"),
+    (r"^python scripts/convert_semantic_folder\.py", "tests/test_convert_datasets.py::test_scripts_convert_with_one_line_errors"),
     (r"^python -m odise_pl\.data\.synthetic", "tests/test_data.py::test_synthetic_cli"),
     (r"^python scripts/collect_runs\.py", "tests/test_ablation.py::test_captioner_ablation_runs_every_captioner_and_collects_one_table"),
     (r"^python scripts/convert_odise_checkpoint\.py", "tests/test_convert.py::test_script_end_to_end"),
@@ -126,13 +132,13 @@ def test_make_help_lists_the_targets():
         assert re.search(rf"^\s*\S*{target}\S*\s", out, re.M), (target, out)
 
 
-def test_make_bench_prints_its_four_ratios(tmp_path):
+def test_make_bench_prints_its_ratios(tmp_path):
     """`make bench` end to end, each benchmark in its seconds-long mode (`BENCH_ARGS=--tiny`): the
-    four benchmarks run and each prints its `ours X, baseline Y, ratio Z` line."""
+    five benchmarks run and each prints its `ours X, baseline Y, ratio Z` line."""
     out = tmp_path / "bench.txt"
     _run(["make", "--no-print-directory", "bench", "BENCH_ARGS=--tiny", f"BENCH_OUT={out}"], timeout=900)
     text = out.read_text()
-    for name in ("pq_eval", "decoder+matcher+criterion", "data loading", "inference 128^2"):
+    for name in ("pq_eval", "decoder+matcher+criterion", "data loading", "inference 128^2", "predict tiny"):
         assert re.search(
             rf"{re.escape(name)}.*: ours [\d.]+ ?\S*, baseline [\d.]+ ?\S*, ratio [\d.]+", text
         ), (

@@ -14,13 +14,12 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from odise_pl.callbacks.progress import StepProgressBar
 from odise_pl.checkpoints import load_trainable, read_checkpoint_file, resolve_from_checkpoint
 from odise_pl.config import CONFIG_DIR, check_config
 from odise_pl.data.transforms import ResizeShortestEdge
 from odise_pl.data.vocab import Vocabulary, dataset_vocab
 from odise_pl.errors import exit_on_user_error
-from odise_pl.evaluation.lit_eval import EvalDataModule, OpenVocabEvaluation
+from odise_pl.evaluation.lit_eval import EvalDataModule, OpenVocabEvaluation, eval_trainer
 from odise_pl.fs import check_writable_dir
 from odise_pl.inference.predictor import Predictor
 from odise_pl.log_setup import get_logger
@@ -83,27 +82,6 @@ def evaluate_dataset(
     log.info("%s: %d images, %d categories", entry.title, len(dataset), len(vocab))
     trainer.test(module, datamodule=data, verbose=False)
     return module.results
-
-
-def eval_trainer(cfg: DictConfig) -> L.Trainer:
-    """The ``trainer=`` choice set up for evaluation. ``device=auto`` runs a single-device CPU
-    trainer (the default) on the GPU when there is one; ``cpu`` / ``cuda`` force it.
-    """
-    overrides: dict = {}
-    single = str(cfg.trainer.get("devices", 1)) == "1" and "strategy" not in cfg.trainer
-    if cfg.device == "cuda" or (cfg.device == "auto" and single and torch.cuda.is_available()):
-        overrides["accelerator"] = "gpu"
-    elif cfg.device == "cpu":
-        overrides["accelerator"] = "cpu"
-    progress = StepProgressBar(refresh_rate=1, log_every=0)  # the test bar: images / s, ETA
-    return hydra.utils.instantiate(
-        cfg.trainer,
-        logger=False,
-        callbacks=[progress],
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        **overrides,
-    )
 
 
 def results_table(results: dict, papers: dict, supervision: str) -> str:

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from odise_pl.errors import say_error
 from odise_pl.log_setup import get_logger
@@ -52,7 +51,7 @@ def failures(sweep_dir: Path) -> list[tuple[str, str]]:
     for job in sorted(Path(sweep_dir).iterdir(), key=lambda p: (len(p.name), p.name)):
         over = job / ".hydra" / "overrides.yaml"
         if over.is_file():
-            points[job] = yaml.safe_load(over.read_text()) or []
+            points[job] = list(OmegaConf.to_container(OmegaConf.load(over)) or [])
     common = set.intersection(*(set(o) for o in points.values())) if len(points) > 1 else set()
     return [
         (

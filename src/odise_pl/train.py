@@ -26,10 +26,11 @@ from odise_pl.checkpoints import (
     CheckpointFile,
     describe,
     describe_mismatch,
+    load_trainable,
     read_checkpoint_file,
 )
 from odise_pl.config import CONFIG_DIR, check_config
-from odise_pl.errors import CheckpointError, exit_on_user_error, say_error
+from odise_pl.errors import CheckpointError, ConfigError, exit_on_user_error, say_error
 from odise_pl.fs import RunLock, remove_stale_partials
 from odise_pl.log_setup import get_logger
 
@@ -125,19 +126,10 @@ def git_commit() -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def check_resume(cfg: DictConfig) -> CheckpointFile:
-    """``ckpt_path`` is readable, its stored config is data (:mod:`odise_pl.checkpoints.trust`) and
-    it was trained with this architecture: otherwise one error naming the file or both values,
-    before the model is built (ours is sized on the meta device). Returns the file, read once.
+def check_architecture(cfg: DictConfig, ckpt: CheckpointFile, what: str) -> None:
+    """``ckpt``'s trainable tensors have this config's names and shapes: otherwise one error naming
+    both values, before the model is built (ours is sized on the meta device).
     """
-    path = Path(cfg.ckpt_path)
-    ckpt = read_checkpoint_file(path, trust=cfg.get("trust_checkpoint_config", False))
-    if ckpt.raw is None:
-        raise CheckpointError(
-            f"{path} holds weights only (an export); resume from the run's .ckpt (it holds the optimiser "
-            "and step), or start from these weights with a new run"
-        )
-    theirs = ckpt.shapes()
     meta = cfg.copy()
     with open_dict(meta):
         if meta.weights.mode != "tiny":  # tiny models are built in a moment; others only as shapes
@@ -145,13 +137,56 @@ def check_resume(cfg: DictConfig) -> CheckpointFile:
     ours = {
         k: tuple(v.shape) for k, v in hydra.utils.instantiate(meta.model.net).trainable_state_dict().items()
     }
+    theirs = ckpt.shapes()
     if theirs != ours:
         raise CheckpointError(
-            f"checkpoint {path} was trained with another architecture: "
+            f"checkpoint {ckpt.path} was trained with another architecture: "
             + "; ".join(describe_mismatch(theirs, ours))
-            + ". Resume with the experiment= and model overrides it was trained with"
+            + f". {what} with the experiment= and model overrides it was trained with"
         )
+
+
+def check_resume(cfg: DictConfig) -> CheckpointFile:
+    """``ckpt_path`` is readable, its stored config is data (:mod:`odise_pl.checkpoints.trust`) and
+    it was trained with this architecture, before the model is built. Returns the file, read once.
+    """
+    path = Path(cfg.ckpt_path)
+    ckpt = read_checkpoint_file(path, trust=cfg.get("trust_checkpoint_config", False))
+    if ckpt.raw is None:
+        raise CheckpointError(
+            f"{path} holds weights only (an export); resume from the run's .ckpt (it holds the optimiser "
+            f"and step), or start a new run from these weights with init_from={path}"
+        )
+    check_architecture(cfg, ckpt, "Resume")
     return ckpt
+
+
+def check_init(cfg: DictConfig) -> CheckpointFile:
+    """``init_from`` (a ``.ckpt``, ``.safetensors`` or converted release) read once and checked like a
+    resume checkpoint, before the model is built.
+    """
+    ckpt = read_checkpoint_file(cfg.init_from, trust=cfg.get("trust_checkpoint_config", False))
+    check_architecture(cfg, ckpt, "Fine-tune")
+    return ckpt
+
+
+def init_report(ckpt: CheckpointFile, cfg: DictConfig) -> str:
+    """What ``init_from`` loaded and what starts fresh, for the log."""
+    parts = sorted({k.split(".", 1)[0] for k in ckpt.state})
+    values = sum(v.numel() for v in ckpt.state.values())
+    trained_on = (ckpt.description or {}).get("vocabulary")
+    vocab = (
+        f"the file was trained on {len(trained_on)} categories, this run has its dataset's own: "
+        if trained_on
+        else ""
+    )
+    return (
+        f"init_from {ckpt.path}: loaded {len(ckpt.state)} trainable tensors ({values / 1e6:.2f}M values: "
+        f"{', '.join(parts)}); fresh: optimiser ({cfg.model.optimizer._target_.rsplit('.', 1)[-1]}, "
+        f"lr {cfg.model.optimizer.lr}), schedule and step counter (0 of {cfg.trainer.max_steps}); frozen "
+        f"weights from weights.*. {vocab}the classifier is text-driven (CLIP text embeddings through "
+        "text_proj), so a new vocabulary needs no new weights"
+    )
 
 
 def train(cfg: DictConfig) -> dict:
@@ -166,26 +201,37 @@ def train(cfg: DictConfig) -> dict:
     try:
         remove_stale_partials(out / "checkpoints")  # a killed write's temporary file
         last = out / "checkpoints" / "last.ckpt"
+        if cfg.get("ckpt_path") and cfg.get("init_from"):
+            raise ConfigError(
+                f"ckpt_path={cfg.ckpt_path} (resume that run) and init_from={cfg.init_from} (start a new run "
+                "from trained weights) exclude each other: give one"
+            )
         if not cfg.get("ckpt_path") and cfg.get("auto_resume") and last.is_file():
             # This folder's own run was stopped (a requeued SLURM job lands in the same folder).
             log.info(
                 "resuming from %s (this run folder's last checkpoint; auto_resume=false starts over)", last
             )
             cfg.ckpt_path = str(last)
-        resume = None
+        resume = init = None
         if cfg.get("ckpt_path"):
             resume = check_resume(cfg)
             folder = Path(cfg.ckpt_path).parent
             if RunLock.is_free(folder.parent):
                 remove_stale_partials(folder)
-        return _train(cfg, resume)
+        elif cfg.get("init_from"):
+            init = check_init(cfg)
+        return _train(cfg, resume, init)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: DictConfig, resume: CheckpointFile | None = None) -> dict:
+def _train(cfg: DictConfig, resume: CheckpointFile | None = None, init: CheckpointFile | None = None) -> dict:
     datamodule, module, trainer = build(cfg, resume)
+    if init is not None:
+        load_trainable(module.net, init)
+        log.info("%s", init_report(init, cfg))
+        del init  # its tensors are in the model now
     module.description = describe(cfg)
     # The resolved config and the code version, with every run.
     hparams = {"config": OmegaConf.to_container(cfg, resolve=True), "git_commit": git_commit()}

@@ -27,9 +27,15 @@ def read_label(path: Path) -> np.ndarray:
     """Label PNG / TIFF -> (H, W) int64."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im).astype(np.int64)
+            labels = np.asarray(im).astype(np.int64)
     except OSError as err:
         raise DatasetError(f"cannot decode label map {path}: {err}") from err
+    if labels.ndim != 2:
+        raise DatasetError(
+            f"label map {path} has {labels.shape[2]} channels; a label map holds one class value per pixel "
+            "(a greyscale or palette PNG)"
+        )
+    return labels
 
 
 class SemanticSegDataset(Dataset):

@@ -137,9 +137,17 @@ def parse_vocab_string(text: str) -> Vocabulary:
 
 
 def dataset_vocab(name: str) -> Vocabulary:
-    """A shipped dataset vocabulary (``coco``, ``ade150``, ``ade847``, ``pc59``, ``pc459``, ``voc21``, ``lvis``)."""
+    """A shipped dataset vocabulary (``coco``, ``ade150``, ``ade847``, ``pc59``, ``pc459``, ``voc21``,
+    ``lvis``), or the path of your own vocabulary file (openseg format, ``id:name,synonym,...`` per
+    line: ids are your dataset's category ids; see :func:`load_vocab_file`).
+    """
+    if name not in DATASET_VOCABS and ("/" in name or name.endswith(".txt")):
+        return load_vocab_file(name)
     if name not in DATASET_VOCABS:
-        raise VocabularyError(f"unknown dataset vocabulary {name!r}; choose from {sorted(DATASET_VOCABS)}")
+        raise VocabularyError(
+            f"unknown dataset vocabulary {name!r}; choose from {sorted(DATASET_VOCABS)} or give the path of a "
+            "vocabulary file (openseg format: one 'id:name,synonym,...' per line)"
+        )
     text = (
         resources.files("odise_pl.data")
         .joinpath("vocabularies", DATASET_VOCABS[name])

@@ -4,9 +4,12 @@ DataLoader workers; PQ / mIoU / mask AP as torchmetrics ``Metric``s synchronised
 
 from __future__ import annotations
 
+import hydra
 import lightning as L
 import torch
+from omegaconf import DictConfig
 
+from odise_pl.callbacks.progress import StepProgressBar
 from odise_pl.datamodule import sharded_loader
 from odise_pl.evaluation.runner import compute_evaluators, make_evaluators, update_evaluators
 from odise_pl.inference.predictor import Predictor
@@ -61,3 +64,25 @@ class OpenVocabEvaluation(L.LightningModule):
         self.results = compute_evaluators(self.evaluators)  # every process's images (Metric sync)
         for k, v in self.results.items():
             self.log(k, v, sync_dist=False)
+
+
+def eval_trainer(cfg: DictConfig, callbacks: list | None = None) -> L.Trainer:
+    """The ``trainer=`` choice set up for evaluation (and prediction). ``device=auto`` runs a
+    single-device CPU trainer (the default) on the GPU when there is one; ``cpu`` / ``cuda`` force it.
+    ``callbacks``: instead of the test progress bar.
+    """
+    overrides: dict = {}
+    single = str(cfg.trainer.get("devices", 1)) == "1" and "strategy" not in cfg.trainer
+    if cfg.device == "cuda" or (cfg.device == "auto" and single and torch.cuda.is_available()):
+        overrides["accelerator"] = "gpu"
+    elif cfg.device == "cpu":
+        overrides["accelerator"] = "cpu"
+    progress = StepProgressBar(refresh_rate=1, log_every=0)  # the test bar: images / s, ETA
+    return hydra.utils.instantiate(
+        cfg.trainer,
+        logger=False,
+        callbacks=callbacks if callbacks is not None else [progress],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        **overrides,
+    )

@@ -204,7 +204,7 @@ def prepare_ade20k_full(
     resized to it (bilinear / nearest): the benchmark is evaluated at that resolution.
     """
     root = check_writable_dir(
-        need(Path(root), "ADE20K_2021_17_01 folder")
+        need(Path(root), "ADE20K_2021_17_01 folder (holding index_ade20k.pkl)")
     )  # outputs go here: before the work
     index = load_ade_full_index(root / "index_ade20k.pkl")
     lut = ade_full_id_map(list(index["objectnames"]))
