@@ -73,6 +73,7 @@ RULES: list[tuple[str, str]] = [
     (r"^python scripts/prepare_pascal_context\.py", "tests/test_prepare.py::test_pascal_context_459_and_59"),
     (r"^python scripts/prepare_\*\.py", "tests/test_prepare.py::test_scripts_have_help"),
     (r"^python demo/", OFFICIAL),
+    (r"^ODISE_TEST_DEVICE=cpu pytest -m gpu", CI),
     (r"^ODISE_APP_CHECKPOINT=", "tests/test_app.py::test_the_page_in_a_headless_browser"),
 ]  # fmt: skip
 
