@@ -154,3 +154,31 @@ def test_synthetic_cli(tmp_path, capsys):
     main(["--out", str(tmp_path / "s"), "--num-train", "2", "--num-val", "1"])
     assert "wrote 2 train + 1 val" in capsys.readouterr().out
     assert len(list((tmp_path / "s/annotations/panoptic_val2017").glob("*.png"))) == 1
+
+
+def test_lsj_keeps_segments_the_crop_empties_as_the_official_mapper():
+    """PARITY: Mask2Former's LSJ mapper keeps every segment as a target, also one the crop emptied
+    (it counts in matching and in the mask-loss normaliser); keep_empty=false drops it."""
+    import random
+
+    from odise_pl.data.transforms import LSJ
+
+    def item():
+        masks = torch.zeros(2, 200, 200, dtype=torch.bool)
+        masks[0, :10, :10] = True  # top-left corner
+        masks[1, 150:, 150:] = True  # bottom-right corner
+        return {"image": torch.zeros(3, 200, 200, dtype=torch.uint8), "masks": masks,
+                "labels": torch.tensor([1, 2]), "isthing": torch.tensor([True, False]),
+                "iscrowd": torch.tensor([False, False])}  # fmt: skip
+
+    for seed in range(200):
+        random.seed(seed)
+        kept = LSJ(size=64, min_scale=2.0, max_scale=2.0, flip=False)(item())
+        if not kept["masks"][0].any() and kept["masks"][1].any():
+            break
+    else:
+        raise AssertionError("no crop emptied the first segment")
+    assert kept["masks"].shape[0] == 2 and kept["labels"].tolist() == [1, 2]
+    random.seed(seed)
+    dropped = LSJ(size=64, min_scale=2.0, max_scale=2.0, flip=False, keep_empty=False)(item())
+    assert dropped["labels"].tolist() == [2] and torch.equal(dropped["masks"][0], kept["masks"][1])

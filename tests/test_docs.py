@@ -48,3 +48,23 @@ def test_library_code_never_imports_a_command_line_module():
                 names = [node.module]
             offenders += [f"{module} imports {n}" for n in names if n in cli]
     assert not offenders, offenders
+
+
+def test_every_departure_has_its_tag_and_every_tag_its_row():
+    """README's departures table: each row's key is a `# DIVERGES(key)` tag in src/ or conf/ and
+    each tag a row; an untagged `DIVERGES` (no key) is refused."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("**Departures from the official code.**", 1)[1].split("\n\n", 2)[1]
+    rows = set(re.findall(r"^\| `([\w-]+)` \|", table, re.M))
+    tags, bare = set(), []
+    for path in [*(ROOT / "src").rglob("*.py"), *(ROOT / "conf").rglob("*.yaml")]:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if "DIVERGES" in line:
+                found = re.findall(r"DIVERGES\(([\w-]+)\)", line)
+                tags |= set(found)
+                if not found:
+                    bare.append(f"{path.relative_to(ROOT)}:{n}")
+    assert len(rows) >= 15, rows
+    assert not bare, f"DIVERGES without a key: {bare}"
+    assert rows - tags == set(), f"rows without a tag in the code: {sorted(rows - tags)}"
+    assert tags - rows == set(), f"tags without a row in the README: {sorted(tags - rows)}"

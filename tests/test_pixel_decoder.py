@@ -149,3 +149,25 @@ def test_gather_int64_indices_give_the_same_result(monkeypatch):
         results.append((out, *torch.autograd.grad(out, x, grad)))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_initialisation_follows_mask2formers_encoder():
+    """PARITY: Xavier-uniform weight matrices in the encoder layers, each deformable attention's own
+    initialisation on top (zero sampling-offset weights), and the level embedding N(0, 1)."""
+    import math
+
+    from odise_pl.model.pixel_decoder import MSDeformAttnPixelDecoder
+
+    torch.manual_seed(0)
+    dec = MSDeformAttnPixelDecoder(
+        in_channels=32, conv_dim=128, mask_dim=128, num_layers=2, dim_feedforward=512
+    )
+    level = dec.level_embed.detach()
+    n = level.numel()  # 384 draws: the sample std of N(0, 1) within 5 standard errors
+    assert abs(level.std().item() - 1) < 5 / math.sqrt(2 * n) and abs(level.mean().item()) < 5 / math.sqrt(n)
+    for layer in dec.layers:
+        w = layer.linear1.weight.detach()
+        bound = math.sqrt(6 / sum(w.shape))  # Xavier-uniform's bound; PyTorch's default is 1 / sqrt(fan_in)
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+        assert abs(w.std().item() - bound / math.sqrt(3)) < 0.05 * bound / math.sqrt(3)
+        assert torch.count_nonzero(layer.self_attn.sampling_offsets.weight) == 0

@@ -127,6 +127,7 @@ def _nltk(caption: str) -> list[str]:
     return out
 
 
+# DIVERGES(nouns): our grammar, lower-cased, whole-caption fallback (SampleWords); official: NBAR + "NBAR IN NBAR", case kept, "" masked
 def extract_nouns(caption: str, backend: str = "auto") -> list[str]:
     """Noun phrases of ``caption`` (determiners dropped, order kept, no duplicates).
 

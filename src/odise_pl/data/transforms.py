@@ -44,9 +44,12 @@ class LSJ:
     Random horizontal flip; resize so the image fits a square of ``size * s``, ``s ~ U(min_scale,
     max_scale)``, keeping aspect; a random ``size x size`` crop where larger; padding to ``size x
     size`` (bottom / right) with ``pad_value`` (PARITY: detectron2's ``FixedSizeCrop`` pads with 128);
-    padded pixels belong to no segment. Segments emptied by the
-    crop are dropped. Output ``image: (3, size, size)``, ``masks: (N, size, size)``, ``valid: (size,
-    size)`` bool marking non-padded pixels.
+    padded pixels belong to no segment. Output ``image: (3, size, size)``, ``masks: (N, size,
+    size)``, ``valid: (size, size)`` bool marking non-padded pixels.
+
+    ``keep_empty``: PARITY (Mask2Former's COCO panoptic LSJ mapper, as ODISE trains): every segment
+    stays a target, also one the crop left without a pixel (it takes part in the matching and in the
+    mask losses' normaliser). ``false`` drops such segments.
     """
 
     def __init__(
@@ -56,9 +59,10 @@ class LSJ:
         max_scale: float = 2.0,
         flip: bool = True,
         pad_value: int = 128,
+        keep_empty: bool = True,
     ):
         self.size, self.min_scale, self.max_scale, self.flip = size, min_scale, max_scale, flip
-        self.pad_value = pad_value
+        self.pad_value, self.keep_empty = pad_value, keep_empty
 
     def __call__(self, item: dict) -> dict:
         if self.flip and random.random() < 0.5:
@@ -80,7 +84,8 @@ class LSJ:
         valid = torch.zeros(self.size, self.size, dtype=torch.bool)
         valid[:ch, :cw] = True
         item["valid"] = valid
-        return _drop_empty(item)
+        # DIVERGES(lsj-keep-empty) with keep_empty=false: segments the crop emptied dropped, not the official default
+        return item if self.keep_empty else _drop_empty(item)
 
 
 class ResizeShortestEdge:

@@ -33,7 +33,7 @@ def ensemble_logits(
     ``log(p_diff^(1 - w) * p_clip^w)`` (not normalised), p = softmax over the K categories,
     w = ``alpha`` for categories seen in training and ``beta`` for novel ones (the paper's lambda is 1 - w).
 
-    # DIVERGES: computed as (1 - w) log_softmax + w log_softmax, the same value in exact arithmetic,
+    # DIVERGES(ensemble-logspace): computed as (1 - w) log_softmax + w log_softmax, the same value in exact arithmetic,
     # but finite where a probability underflows to 0 (the official log of the product gives -inf,
     # and then NaN after its multiplication by the seen / novel mask).
     """

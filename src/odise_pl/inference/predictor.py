@@ -50,7 +50,9 @@ class Predictor:
         alpha: float = 0.3,
         beta: float = 0.7,
         train_vocabulary: list[list[str]] | None = None,
+        # DIVERGES(mask-pooling) with clip_side=pooling: CLIP's final dense tokens pooled per mask (ablation)
         clip_side: Literal["maskclip", "pooling"] = "maskclip",
+        # DIVERGES(maskclip-region) with clip_mask_region=image: the image's own region (official: padded)
         clip_mask_region: Literal["padded", "image"] = "padded",
         object_mask_threshold: float = 0.0,
         overlap_threshold: float = 0.8,
@@ -127,7 +129,9 @@ class Predictor:
             h, w = m["input_size"]
             mi = masks[i : i + 1, :, :h, :w]
             clip = None
+            # DIVERGES(one-side-modes) with mode=diffusion / clip: one side of Eq. 10 only (ablation)
             if self.mode != "diffusion":
+                # DIVERGES(eval-batches): batches of several images; MaskCLIP gets the region a batch of one would have
                 # what a batch of this image alone would have been padded to, at the masks' resolution
                 div, pred = self.net.size_divisibility, outputs["pred_masks"]
                 hp = math.ceil(h / div) * div * pred.shape[-2] // images.shape[-2]

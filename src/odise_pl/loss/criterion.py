@@ -137,6 +137,7 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         """outputs: model outputs (with aux_outputs); targets: per image ``masks``, ``labels``."""
+        # DIVERGES(normaliser-microbatch): per micro-batch under gradient accumulation (official: per global batch)
         num_masks = global_num_masks(targets, outputs["pred_masks"].device)
         sets = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
         losses: dict[str, Tensor] = {}

@@ -53,10 +53,11 @@ class GroundingLoss(nn.Module):
     Args:
         weight: loss weight.
         softmax_over: see :func:`grounding_similarity` (default ``queries``, PARITY with the official code;
-            DIVERGES from the literal Eq. 7, whose softmax runs over words).
+            departs from the literal Eq. 7, whose softmax runs over words).
 
     """
 
+    # DIVERGES(grounding-words) with softmax_over=words: Eq. 7 read literally (official: over queries)
     def __init__(self, *, weight: float = 1.0, softmax_over: str = "queries"):
         super().__init__()
         if softmax_over not in ("queries", "words"):
@@ -64,6 +65,7 @@ class GroundingLoss(nn.Module):
         self.weight, self.softmax_over = weight, softmax_over
 
     def forward(self, mask_embed: Tensor, word_embed: Tensor, scale: Tensor) -> Tensor:
+        # DIVERGES(caption-batch-accumulation): contrasts the processes' current micro-batches; with gradient accumulation not the whole global batch of 64 as officially (issue: parity round two)
         z = gather_with_local_grad(mask_embed.float())
         w = gather_with_local_grad(word_embed.float())
         g = grounding_similarity(z, w, scale.float(), self.softmax_over)

@@ -65,6 +65,7 @@ class FrozenCLIP(nn.Module):
         tokenizer: str | None = None,
         mean=OPENAI_MEAN,
         std=OPENAI_STD,
+        # DIVERGES(clip-antialias): antialiased as the official code under torchvision >= 0.17; its 2023 runs did not (antialias=false)
         antialias: bool = True,
         dtype: str | None = None,
     ):

@@ -39,6 +39,7 @@ def _split_heads(x: Tensor, heads: int) -> Tensor:
     return rearrange(x, "b n (h c) -> b h n c", h=heads)
 
 
+# DIVERGES(maskclip-attention): image tokens run their layers once; the Q mask tokens attend to their keys / values (README table)
 def mask_token_embeddings(visual: nn.Module, pixels: Tensor, visible: Tensor) -> Tensor:
     """``pixels: (B, 3, S, S)`` normalised CLIP input, ``visible: (B, Q, N)`` -> ``(B, Q, D)``: each mask
     token's output after ``ln_post`` and the projection (raw, not normalised).

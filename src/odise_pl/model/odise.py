@@ -85,6 +85,7 @@ class ODISE(nn.Module):
             if template is not None and "{}" not in template:
                 raise ValueError(f"model.net.{name}={template!r} must contain '{{}}' where the name goes")
         self.prompt, self.clip_prompt = prompt, clip_prompt
+        # DIVERGES(windows-together): all sliding windows through the backbone in one pass (windows_per_pass=1: one at a time)
         self.windows_per_pass = windows_per_pass
         self._vocab_cache = TensorLRU(None if vocab_cache_mb is None else int(vocab_cache_mb * 2**20))
 

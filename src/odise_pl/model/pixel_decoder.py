@@ -83,7 +83,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.constant_(proj[0].bias, 0)
-        self.level_embed = nn.Parameter(torch.randn(n, conv_dim) * 0.02)
+        self.level_embed = nn.Parameter(torch.empty(n, conv_dim))
         self.pe = PositionEmbeddingSine(conv_dim // 2)
         self.layers = nn.ModuleList(
             [
@@ -93,6 +93,16 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 for _ in range(num_layers)
             ]
         )
+        # PARITY (Mask2Former's MSDeformAttnTransformerEncoderOnly._reset_parameters): Xavier-uniform
+        # on every weight matrix of the encoder, then each deformable attention's own initialisation,
+        # and the level embedding N(0, 1).
+        for p in self.layers.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.layers.modules():
+            if isinstance(m, MSDeformAttn):
+                m._reset_parameters()
+        nn.init.normal_(self.level_embed)
         self.lateral = nn.Sequential(
             nn.Conv2d(in_channels, conv_dim, 1, bias=False), nn.GroupNorm(gn, conv_dim)
         )

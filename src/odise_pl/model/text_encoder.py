@@ -8,6 +8,7 @@ from torch import Tensor, nn
 EOT = 49407  # CLIP BPE end-of-text id; SD v1's tokenizer also pads with it
 
 
+# DIVERGES(sd-tokenizer): open_clip's copy of CLIP's BPE (same vocabulary and merges), no tokenizer files to fetch
 class SDTextEncoder(nn.Module):
     """Frozen CLIP text tower as SD v1 uses it (last hidden state after the final LayerNorm).
 

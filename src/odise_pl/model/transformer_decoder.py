@@ -180,6 +180,7 @@ class MaskedTransformerDecoder(nn.Module):
             # CPU bilinear downsampling of an NCHW tensor copies it to channels-last first, per call:
             # one copy for the three sizes instead (same numbers, ~3x less time here).
             mf = mask_features.detach().contiguous(memory_format=torch.channels_last)
+            # DIVERGES(attn-mask-resize): mask features resized before the dot product (bilinear is linear: same logits)
             small = [F.interpolate(mf, size=s, mode="bilinear", align_corners=False) for s in sizes]
         query_pos = self.query_embed.weight[None].expand(b, -1, -1)
         output = self.query_feat.weight[None].expand(b, -1, -1)

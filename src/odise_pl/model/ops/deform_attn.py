@@ -27,6 +27,7 @@ def check_impl(impl: str) -> str:
     return impl
 
 
+# DIVERGES(deform-gather): on CPU one weighted gather (deform_attn_cpu.py), grid_sample on GPU; equal to rounding
 def ms_deform_attn(
     value: Tensor,
     shapes: list[tuple[int, int]],
