@@ -172,3 +172,70 @@ def test_compiled_backbone_equals_eager(inputs):
         out = fast(images, cond)
     for name, r in ref.items():
         assert rel(out[name], r) < 1e-5, name
+
+
+def test_pixel_decoder_runs_in_fp32_under_autocast():
+    """PARITY: Mask2Former's pixel decoder disables autocast ("deformable detr does not support half
+    precision"): under fp16 / bf16 autocast its outputs are fp32 and equal to the fp32 forward;
+    full_precision=false follows the autocast dtype."""
+    from odise_pl.model.pixel_decoder import MSDeformAttnPixelDecoder
+
+    torch.manual_seed(0)
+    dec = MSDeformAttnPixelDecoder(
+        in_channels=16, conv_dim=32, mask_dim=32, num_layers=1, num_heads=4, dim_feedforward=64
+    )
+    feats = {f"s{k}": torch.randn(1, 16, 64 // 2**k, 64 // 2**k) for k in (2, 3, 4, 5)}
+    ref_mask, ref_ms = dec(feats)
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
+            mask, ms = dec({k: v.to(dtype) for k, v in feats.items()})
+        assert mask.dtype == torch.float32 and all(m.dtype == torch.float32 for m in ms)
+        # the inputs rounded to the autocast dtype are the only difference
+        rounded, _ = dec({k: v.to(dtype).float() for k, v in feats.items()})
+        torch.testing.assert_close(mask, rounded, rtol=0, atol=0)
+    dec.full_precision = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mask, _ = dec(feats)
+    assert mask.dtype == torch.bfloat16
+    assert rel(mask, ref_mask) > 0  # really computed in bf16
+
+
+def test_fp16_training_step_with_a_gradient_scaler(tmp_path):
+    """The official precision (`trainer.precision=16-mixed` on a GPU): fp16 autocast and a gradient
+    scaler. On the tiny model the fp16 loss is finite and within bf16's error of the fp32 one (fp16
+    keeps 3 more mantissa bits than bf16, so its error should be the smaller: bound max(bf16 error,
+    2^-8)); the scaled step leaves every trained weight finite."""
+    import hydra
+
+    from test_train import cfg_for
+
+    cfg = cfg_for(tmp_path)
+    torch.manual_seed(0)
+    module = hydra.utils.instantiate(cfg.model)
+    module.train()
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(3, 128, 128, dtype=torch.bool)
+    masks[0, :64], masks[1, 64:, :64], masks[2, 64:, 64:] = True, True, True
+    targets = [{"masks": masks.float(), "labels": torch.tensor([0, 1, 2])}]
+    images = torch.rand(1, 3, 128, 128, generator=g)
+    module.set_vocabulary([["circle"], ["square"], ["sky"]], [True, True, False])
+
+    def loss(dtype=None):
+        torch.manual_seed(1)  # point sampling draws from the global generator
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            return sum(module.compute_losses({"images": images, "targets": targets}).values())
+
+    with torch.no_grad():
+        l32, l16, lbf = loss(), loss(torch.float16), loss(torch.bfloat16)
+    assert torch.isfinite(l16)
+    err16, errbf = (
+        abs(l16.item() - l32.item()) / abs(l32.item()),
+        abs(lbf.item() - l32.item()) / abs(l32.item()),
+    )
+    assert errbf > 0 and err16 <= max(errbf, 2**-8), (err16, errbf)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(loss(torch.float16)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.isfinite(p).all() for p in module.parameters() if p.requires_grad)

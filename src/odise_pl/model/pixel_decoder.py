@@ -57,6 +57,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         conv_dim, mask_dim: 256 / 256 (Mask2Former).
         num_layers, num_heads, num_points, dim_feedforward, dropout: encoder (6, 8, 4, 1024, 0.0).
         deform_attn_impl: ``auto`` (CPU: ``gather``, else ``grid_sample``), ``gather``, ``grid_sample``.
+        full_precision: run in fp32 under autocast, inputs cast to fp32 (PARITY: Mask2Former's
+            ``forward_features`` is ``@autocast(enabled=False)``, "deformable detr does not support
+            half precision"); ``false`` follows the caller's autocast (faster on GPUs).
 
     """
 
@@ -72,6 +75,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         dim_feedforward: int = 1024,
         dropout: float = 0.0,
         deform_attn_impl: Impl = "auto",  # checked against the config by odise_pl.config
+        full_precision: bool = True,
     ):
         super().__init__()
         self.transformer_levels = ("s5", "s4", "s3")
@@ -113,7 +117,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for conv in (self.lateral[0], self.output[0], self.mask_features):
             nn.init.kaiming_uniform_(conv.weight, a=1)
         nn.init.constant_(self.mask_features.bias, 0)
-        self.conv_dim = conv_dim
+        self.conv_dim, self.full_precision = conv_dim, full_precision
 
     @staticmethod
     def reference_points(shapes: list[tuple[int, int]], device, dtype) -> Tensor:
@@ -129,6 +133,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
         return torch.cat(refs, 0)[None, :, None, :].expand(1, -1, len(shapes), 2)
 
     def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+        device = next(iter(features.values())).device.type
+        if self.full_precision and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return self._forward({k: v.float() for k, v in features.items()})
+        # DIVERGES(pixel-decoder-autocast) with full_precision=false: the caller's autocast dtype
+        return self._forward(features)
+
+    def _forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
         srcs, pos, shapes = [], [], []
         for lvl, name in enumerate(self.transformer_levels):
             x = self.input_proj[lvl](features[name])
