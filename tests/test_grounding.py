@@ -34,6 +34,39 @@ def loop_reference(z, w, scale, softmax_over):
     return loss
 
 
+def masked_loop_reference(z, w, scale, valid):
+    """The official masking of captions without a noun phrase, written as loops in float64:
+    image -> text CE weighted by each image's own caption validity (sum of w_m CE_m / sum of w_m),
+    text -> image CE times validity averaged over all captions; the mean of the two."""
+    z = torch.nn.functional.normalize(z.double(), dim=-1)
+    w = torch.nn.functional.normalize(w.double(), dim=-1)
+    b = z.shape[0]
+    g = torch.zeros(b, b, dtype=torch.float64)
+    for m in range(b):
+        for c in range(b):
+            sim = z[m] @ w[c].t()  # (N, K)
+            g[m, c] = ((scale * sim).softmax(0) * sim).sum(0).mean()
+    i2t = [-torch.log(torch.exp(scale * g[m, m]) / torch.exp(scale * g[m, :]).sum()) for m in range(b)]
+    t2i = [-torch.log(torch.exp(scale * g[c, c]) / torch.exp(scale * g[:, c]).sum()) for c in range(b)]
+    v = [float(x) for x in valid]
+    image_to_text = sum(vm * ce for vm, ce in zip(v, i2t)) / sum(v)
+    text_to_image = sum(vc * ce for vc, ce in zip(v, t2i)) / b
+    return 0.5 * (image_to_text + text_to_image)
+
+
+def test_captions_without_nouns_are_masked_as_officially():
+    torch.manual_seed(0)
+    z, w = torch.randn(4, 5, 8), torch.randn(4, 3, 8)
+    valid = torch.tensor([True, False, True, True])
+    got = GroundingLoss()(z, w, torch.tensor(5.0), valid)
+    torch.testing.assert_close(got.double(), masked_loop_reference(z, w, 5.0, valid), rtol=1e-5, atol=1e-6)
+    # all valid: the unmasked loss; none valid: the official fallback (image -> text unweighted)
+    all_valid = GroundingLoss()(z, w, torch.tensor(5.0), torch.ones(4, dtype=torch.bool))
+    torch.testing.assert_close(all_valid, GroundingLoss()(z, w, torch.tensor(5.0)))
+    none = GroundingLoss()(z, w, torch.tensor(5.0), torch.zeros(4, dtype=torch.bool))
+    assert torch.isfinite(none) and none > 0
+
+
 @pytest.mark.parametrize("softmax_over", ["queries", "words"])
 def test_grounding_equals_loop_reference(softmax_over):
     torch.manual_seed(0)

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from odise_pl.data.nouns import SampleWords, extract_nouns
 
 # COCO-style captions, noun phrases labelled by hand (determiners dropped, modifiers kept).
@@ -48,9 +50,10 @@ LABELLED = [
 
 
 def precision_recall(backend="heuristic"):
+    """Of this project's own chunker (rules=ours: determiners dropped, lower case), an option."""
     tp = fp = fn = 0
     for caption, gold in LABELLED:
-        pred = set(extract_nouns(caption, backend))
+        pred = set(extract_nouns(caption, backend, rules="ours"))
         tp += len(pred & set(gold))
         fp += len(pred - set(gold))
         fn += len(set(gold) - pred)
@@ -79,3 +82,45 @@ def test_sample_words_k_with_replacement():
     item = {"captions": ["a cat on a mat."], "file_name": "x.jpg"}
     words = SampleWords(k_words=8, backend="heuristic")(item)["words"]
     assert len(words) == 8 and set(words) <= {"cat", "mat"}
+
+
+# PARITY: the official grammar and loop, on Penn tags as nltk gives them (independent of our tagger).
+OFFICIAL = [
+    # "NBAR IN NBAR" joins; "plate" ends the caption with no token after it: the official loop drops it
+    ("a slice of pizza on a plate",
+     [("a", "DT"), ("slice", "NN"), ("of", "IN"), ("pizza", "NN"), ("on", "IN"), ("a", "DT"), ("plate", "NN")],
+     ["slice", "pizza", "slice of pizza"]),
+    # case kept; "Wave" last, unflushed
+    ("A Man riding a Wave", [("A", "DT"), ("Man", "NNP"), ("riding", "VBG"), ("a", "DT"), ("Wave", "NNP")], ["Man"]),
+    # a period flushes the last phrase; adjectives join, "next" (JJ) alone is no phrase
+    ("A red car parked on the street next to a fire hydrant.",
+     [("A", "DT"), ("red", "JJ"), ("car", "NN"), ("parked", "VBN"), ("on", "IN"), ("the", "DT"), ("street", "NN"),
+      ("next", "JJ"), ("to", "TO"), ("a", "DT"), ("fire", "NN"), ("hydrant", "NN"), (".", ".")],
+     ["red car", "street", "fire hydrant"]),
+    # a repeated phrase is not reset: it merges with the next one, as the official loop does
+    ("a dog and a dog and a cat.",
+     [("a", "DT"), ("dog", "NN"), ("and", "CC"), ("a", "DT"), ("dog", "NN"), ("and", "CC"), ("a", "DT"),
+      ("cat", "NN"), (".", ".")],
+     ["dog", "dog cat"]),
+    ("Sitting on it.", [("Sitting", "VBG"), ("on", "IN"), ("it", "PRP"), (".", ".")], []),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("caption, tagged, phrases", OFFICIAL)
+def test_official_phrase_rules(caption, tagged, phrases):
+    from odise_pl.data.nouns import heuristic_tags, official_phrases
+
+    assert official_phrases(tagged) == phrases
+    # our offline tagger agrees with nltk's tags where the grammar looks (nouns, adjectives, IN)
+    assert extract_nouns(caption, "heuristic") == phrases
+    ours = heuristic_tags(caption)
+    assert [t for t, _ in ours] == [t for t, _ in tagged]
+
+
+def test_a_caption_without_a_phrase_gives_masked_empty_words():
+    item = SampleWords(k_words=8, backend="heuristic")({"captions": ["Sitting on it."], "file_name": "x.jpg"})
+    assert item["words"] == [""] * 8 and item["words_valid"] is False
+    item = SampleWords(k_words=8, backend="heuristic", rules="ours")(
+        {"captions": ["Sitting on it."], "file_name": "x"}
+    )
+    assert item["words_valid"] is True and set(item["words"]) == {"Sitting on it"}

@@ -72,6 +72,8 @@ def collate(items: list[dict], size_divisibility: int = 64) -> dict:
     batch["bad_samples"] = sum(it.get("bad_samples", 0) for it in items)
     if all("words" in it for it in items):
         batch["words"] = [it["words"] for it in items]
+        # False: the caption had no noun phrase (its words are empty; the grounding loss masks it)
+        batch["words_valid"] = torch.tensor([bool(it.get("words_valid", True)) for it in items])
     return batch
 
 
@@ -109,6 +111,7 @@ class ODISEDataModule(L.LightningDataModule):
         batch_size: per-device training batch size; val_batch_size likewise.
         num_workers: DataLoader workers.
         k_words: nouns sampled per image for caption supervision (0: off).
+        noun_rules: ``official`` | ``ours`` (:func:`odise_pl.data.nouns.extract_nouns`).
         size_divisibility: pad inputs to a multiple of this (64 for SD).
         synthetic: if set (``{root, num_train, num_val, seed}``), write the synthetic dataset there
             when it does not exist yet (the default experiment runs out of the box).
@@ -134,6 +137,7 @@ class ODISEDataModule(L.LightningDataModule):
         val_batch_size: int = 1,
         num_workers: int = 2,
         k_words: int = 8,
+        noun_rules: str = "official",
         size_divisibility: int = 64,
         synthetic: dict | None = None,
         seed: int = 0,
@@ -145,6 +149,7 @@ class ODISEDataModule(L.LightningDataModule):
         self.train_transform, self.val_transform = train_transform, val_transform
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.k_words, self.size_divisibility, self.synthetic = k_words, size_divisibility, synthetic
+        self.noun_rules = noun_rules
         self.seed, self.global_batch_size, self.on_bad_sample = seed, global_batch_size, on_bad_sample
         self.train_set = self.val_set = None
 
@@ -164,7 +169,11 @@ class ODISEDataModule(L.LightningDataModule):
             self.train_set = self.train_factory()
             # Nouns for caption supervision only where the dataset has captions (label supervision
             # trains without any: data.train_dataset.captions=false).
-            words = SampleWords(self.k_words) if self.k_words and self.train_set.provides_captions else None
+            words = (
+                SampleWords(self.k_words, rules=self.noun_rules)
+                if self.k_words and self.train_set.provides_captions
+                else None
+            )
             self.train_set.transform = Compose([self.train_transform, _drop_crowd, words])
         if self.val_set is None:
             self.val_set = self.val_factory(transform=self.val_transform)

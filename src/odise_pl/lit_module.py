@@ -93,7 +93,9 @@ class ODISELitModule(TrainableOnlyCheckpoints, L.LightningModule):
             if "words" in batch and self.supervision == "caption"
             else None
         )
-        return self.loss(outputs, batch["targets"], words, self.net.classifier.scale)
+        return self.loss(
+            outputs, batch["targets"], words, self.net.classifier.scale, batch.get("words_valid")
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         losses = self.compute_losses(batch)

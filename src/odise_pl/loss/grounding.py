@@ -43,7 +43,16 @@ class GroundingLoss(nn.Module):
     ``0.5 * (CE(image -> text) + CE(text -> image))``.
 
     ``mask_embed: (B, N, D)``, ``word_embed: (B, K, D)`` (K_word nouns sampled from one caption),
-    ``scale`` = 1/tau (the classifier's learnable logit scale) -> scalar.
+    ``scale`` = 1/tau (the classifier's learnable logit scale), ``valid: (B,)`` bool (optional: a
+    caption with no noun phrase has only empty words) -> scalar.
+
+    PARITY with the official masking of invalid captions: image -> text is the cross-entropy over
+    the images weighted by their own caption's validity (``weight=valid``; unweighted if no caption
+    of the batch is valid, as the official fallback); text -> image is each caption's cross-entropy
+    times its validity, averaged over all captions. An invalid caption's (empty) words still count
+    as negatives of the other images, as officially. (The official code takes these means per
+    process before DDP averages them; here they are over the global batch, the same whenever every
+    process has as many valid captions.)
 
     Under DDP every process computes the loss of the whole global batch, with gradients through
     its own samples only; the backward is scaled by the world size so that DDP's gradient
@@ -64,14 +73,24 @@ class GroundingLoss(nn.Module):
             raise ValueError(f"softmax_over must be 'queries' or 'words', got {softmax_over!r}")
         self.weight, self.softmax_over = weight, softmax_over
 
-    def forward(self, mask_embed: Tensor, word_embed: Tensor, scale: Tensor) -> Tensor:
+    def forward(
+        self, mask_embed: Tensor, word_embed: Tensor, scale: Tensor, valid: Tensor | None = None
+    ) -> Tensor:
         # DIVERGES(caption-batch-accumulation): contrasts the processes' current micro-batches; with gradient accumulation not the whole global batch of 64 as officially (issue: parity round two)
         z = gather_with_local_grad(mask_embed.float())
         w = gather_with_local_grad(word_embed.float())
         g = grounding_similarity(z, w, scale.float(), self.softmax_over)
         logits = scale.float() * g
         target = torch.arange(g.shape[0], device=g.device)
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        if valid is None or bool(valid.all()):
+            loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        else:
+            v = gather_with_local_grad(valid.to(logits.device).float())
+            image_to_text = (
+                F.cross_entropy(logits, target, weight=v) if v.any() else F.cross_entropy(logits, target)
+            )
+            text_to_image = (F.cross_entropy(logits.t(), target, reduction="none") * v).mean()
+            loss = 0.5 * (image_to_text + text_to_image)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if world > 1:
             loss = loss * world - (loss * (world - 1)).detach()

@@ -58,7 +58,12 @@ class ODISELoss(nn.Module):
         self.objectness = objectness
 
     def forward(
-        self, outputs: dict, targets: list[dict], words: Tensor | None = None, scale: Tensor | None = None
+        self,
+        outputs: dict,
+        targets: list[dict],
+        words: Tensor | None = None,
+        scale: Tensor | None = None,
+        words_valid: Tensor | None = None,
     ) -> dict[str, Tensor]:
         sets = [outputs, *outputs.get("aux_outputs", [])]
         if self.supervision == "caption" and self.objectness:
@@ -74,5 +79,5 @@ class ODISELoss(nn.Module):
                 )
             for i, out in enumerate(sets):
                 suffix = "" if i == 0 else f"_{i - 1}"
-                losses["loss_ground" + suffix] = self.grounding(out["mask_embed"], words, scale)
+                losses["loss_ground" + suffix] = self.grounding(out["mask_embed"], words, scale, words_valid)
         return losses
