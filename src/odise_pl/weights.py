@@ -90,10 +90,10 @@ TINY_TEXT = dict(
     projection_dim=32,
 )
 
-DEFAULT_SD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_SD = "CompVis/stable-diffusion-v1-3"  # PARITY: the official model is built on SD v1.3
 SD_HINT = (
     "Download a Stable Diffusion v1.x checkpoint in diffusers format (e.g. `huggingface-cli download {src}`) "
-    "or point the config at a local folder: `weights.sd_source=/path/to/stable-diffusion-v1-5`. "
+    "or point the config at a local folder: `weights.sd_source=/path/to/stable-diffusion-v1-3`. "
     "For a run without weights use `weights.mode=random` (full size) or `weights.mode=tiny`."
 )
 
