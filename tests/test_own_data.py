@@ -262,3 +262,22 @@ def test_two_process_predict_writes_the_files_of_one(own, tmp_path):
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _files(two) == _files(one)
+
+
+def test_inputs_are_a_folder_a_glob_or_a_list_file(tmp_path):
+    from odise_pl.errors import OdiseError
+    from odise_pl.inference.predict_loop import find_images, relative_stem
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for rel in ("a/x.jpg", "a/b/y.png", "a/notes.txt"):
+        (tmp_path / rel).write_bytes(b"")
+    base, found = find_images(str(tmp_path / "a"))
+    assert [relative_stem(p, base) for p in found] == ["b/y", "x"]
+    base, found = find_images(str(tmp_path / "a" / "*.jpg"))
+    assert [relative_stem(p, base) for p in found] == ["x"]
+    listing = tmp_path / "list.txt"
+    listing.write_text("# my images\na/b/y.png\n\na/x.jpg\n")
+    base, found = find_images(str(listing))
+    assert [relative_stem(p, base) for p in found] == ["a/b/y", "a/x"]
+    with pytest.raises(OdiseError, match="no images found"):
+        find_images(str(tmp_path / "a" / "*.gif"))

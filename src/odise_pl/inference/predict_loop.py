@@ -39,12 +39,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 NO_CATEGORY = 65535
 
 
-def find_images(source: str, root: str | None = None) -> tuple[Path, list[Path]]:
+def find_images(source: str) -> tuple[Path, list[Path]]:
     """(the folder names are relative to, the images) of ``source``: a folder (searched recursively),
     a glob pattern, or a text file listing one image path per line (relative to the file's folder or
     absolute). Sorted, duplicates removed; nothing found is an :class:`OdiseError`.
     """
     import glob
+    import os
 
     path = Path(source)
     if path.is_dir():
@@ -60,14 +61,8 @@ def find_images(source: str, root: str | None = None) -> tuple[Path, list[Path]]
         found = [
             Path(p) for p in glob.glob(source, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES
         ]
-        base = Path(glob.escape(source).split("*")[0] if "*" in source else source).parent
-        if found:
-            import os
-
-            base = Path(os.path.commonpath([str(p.resolve().parent) for p in found]))
-    if root:
-        base = Path(root)
-    found = sorted(dict.fromkeys(p for p in found))
+        base = Path(os.path.commonpath([str(p.resolve().parent) for p in found])) if found else Path(".")
+    found = sorted(dict.fromkeys(found))
     if not found:
         raise OdiseError(
             f"no images found for input={source} (a folder, a glob such as 'photos/*.jpg', or a text file "
