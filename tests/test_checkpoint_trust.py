@@ -410,3 +410,17 @@ def test_resume_reads_the_file_once(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "safe_torch_load", lambda p, **k: reads.append(str(p)) or real_load(p, **k))
     train_module.train(cfg_for(tmp_path / "second", "trainer.max_steps=2", f"ckpt_path={last}"))
     assert reads == [str(last)]
+
+
+def test_weight_locations_never_come_from_the_file(tmp_path, good):
+    """A stored `source` / `pretrained` / `checkpoint` leaf is replaced by this machine's value, even
+    where the shipped config has none (null): a file never chooses what this machine reads."""
+    desc = copy.deepcopy(good[0])
+    desc["model"]["net"]["backbone"]["unet"]["source"] = "/somewhere/else/sd"
+    desc["model"]["net"]["clip"]["model"]["pretrained"] = "/tmp/evil.bin"
+    desc["weights"]["sd_source"] = "/somewhere/else/sd"
+    path = write(tmp_path / "loc.safetensors", desc, good[1])
+    _, cfg = load_model(checkpoint=str(path))
+    assert cfg.model.net.backbone.unet.source != "/somewhere/else/sd"
+    assert cfg.model.net.clip.model.pretrained != "/tmp/evil.bin"
+    assert cfg.weights.sd_source != "/somewhere/else/sd"

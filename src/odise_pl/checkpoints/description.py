@@ -119,8 +119,8 @@ def _relink(stored: Any, raw: Any, resolved: Any, key: str, source: Any) -> Any:
         and all(r.startswith("weights.") for r in re.findall(r"\$\{([^}]*)\}", raw))
     ):
         return raw
-    if key.rsplit(".", 1)[-1] in _LOCATION_LEAVES and raw is not None:
-        return raw
+    if key.rsplit(".", 1)[-1] in _LOCATION_LEAVES:
+        return raw  # this machine's (None where its config has none): a file never names what is read
     return stored
 
 
