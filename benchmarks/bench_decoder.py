@@ -54,6 +54,9 @@ class Ours(nn.Module):
             num_heads=8,
             num_points=4,
             dim_feedforward=1024,
+            # like for like: transformers' pixel decoder follows autocast, so ours does here too (the
+            # model's default keeps Mask2Former's fp32 pixel decoder under autocast)
+            full_precision=False,
         )
         self.transformer_decoder = MaskedTransformerDecoder(
             in_channels=256, mask_dim=256, hidden_dim=256, num_queries=100, num_heads=8, dim_feedforward=2048,

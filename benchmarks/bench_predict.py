@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     name = f"predict {a.size} ({a.images} images {a.side * 4 // 3}x{a.side}, {a.workers} workers, CPU)"
     print(
-        f"{name}: ours {rate_ours:.2f} images/s, baseline {rate_base:.2f} images/s, ratio {rate_ours / rate_base:.2f}",
+        f"{name}: ours {rate_ours:.3f} images/s, baseline {rate_base:.3f} images/s, ratio {rate_ours / rate_base:.2f}",
         flush=True,
     )
     return {"ours": rate_ours, "baseline": rate_base}
