@@ -424,3 +424,11 @@ def test_weight_locations_never_come_from_the_file(tmp_path, good):
     assert cfg.model.net.backbone.unet.source != "/somewhere/else/sd"
     assert cfg.model.net.clip.model.pretrained != "/tmp/evil.bin"
     assert cfg.weights.sd_source != "/somewhere/else/sd"
+
+
+def test_a_runtime_cache_size_is_the_users_not_a_contradiction(tmp_path, good):
+    """The web demo sets model.net.vocab_cache_mb on every model it loads: a test-time setting like
+    model.predictor.*, never a clash with the file's architecture."""
+    path = write(tmp_path / "m.safetensors", good[0], good[1])
+    module, cfg = load_model(checkpoint=str(path), overrides=["model.net.vocab_cache_mb=7"])
+    assert cfg.model.net.vocab_cache_mb == 7 and module.net._vocab_cache.max_bytes == 7 * 2**20

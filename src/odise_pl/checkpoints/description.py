@@ -36,7 +36,7 @@ from odise_pl.errors import ConfigError
 
 # Keys the user's value wins for: test-time settings, and where frozen weights are found (the
 # training machine's paths mean nothing on another).
-_USER_WINS = ("model.predictor", "weights.sd_source", "weights.clip_pretrained")
+_USER_WINS = ("model.predictor", "model.net.vocab_cache_mb", "weights.sd_source", "weights.clip_pretrained")
 _LOCATION_LEAVES = ("source", "pretrained", "checkpoint", "cache_dir")
 
 
