@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from odise_pl.data.convert import convert_instances
-from odise_pl.errors import OdiseError
+from odise_pl.errors import OdiseError, say_error
 
 
 def main(argv=None) -> int:
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
             a.instances, a.images, a.out, a.split, a.semantic, tuple(a.stuff_ids), link=a.link
         )
     except OdiseError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(str(err))
         return 2
     print(f"wrote {path}")
     return 0

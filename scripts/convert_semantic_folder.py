@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from odise_pl.data.convert import convert_semantic
-from odise_pl.errors import OdiseError
+from odise_pl.errors import OdiseError, say_error
 
 
 def main(argv=None) -> int:
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     try:
         path = convert_semantic(a.images, a.labels, a.classes, a.out, a.split, a.ignore, link=a.link)
     except OdiseError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(str(err))
         return 2
     print(f"wrote {path}")
     return 0

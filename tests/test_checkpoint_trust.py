@@ -9,7 +9,7 @@ Entry points that read a checkpoint, and where each is tested here:
 - `python -m odise_pl.demo`: test_demo_refuses
 - the notebooks' and other tools' loader `load_model`: test_load_model_refuses
 - the web demo `python -m odise_pl.app` (its Segmenter): test_web_demo_refuses
-- training's resume (`ckpt_path=`): test_resume_refuses; fine-tuning (`init_from=`): test_init_from_refuses
+- training's resume (`ckpt_path=`) and fine-tuning (`init_from=`): test_resume_and_init_from_refuse
 - `python -m odise_pl.checkpoints export`: test_export_refuses
 - the converter reads the authors' detectron2 files, which hold no config of ours; that it never
   runs their pickled objects is tests/test_convert.py::test_reads_detectron2_files_without_running_their_code
@@ -238,20 +238,11 @@ def test_web_demo_refuses(tmp_path, good, marker, suffix, kind):
         segmenter(str(image), "cat", [], "hostile")
 
 
-@pytest.mark.parametrize("kind", ["target", "env"])
-def test_resume_refuses(tmp_path, good, marker, suffix, kind, monkeypatch):
-    path, named = make(tmp_path, good, kind, marker, suffix)
-
-    def refuse(*a, **k):
-        raise AssertionError("the model was built before the checkpoint was checked")
-
-    monkeypatch.setattr(train_module, "build", refuse)
-    with pytest.raises(UntrustedConfigError):
-        train_module.train(cfg_for(tmp_path, f"ckpt_path={path}"))
-
-
-@pytest.mark.parametrize("kind", ["target", "interpolation"])
-def test_init_from_refuses(tmp_path, good, marker, suffix, kind, monkeypatch):
+@pytest.mark.parametrize(
+    "key, kind",
+    [("ckpt_path", "target"), ("ckpt_path", "env"), ("init_from", "target"), ("init_from", "interpolation")],
+)
+def test_resume_and_init_from_refuse(tmp_path, good, marker, suffix, key, kind, monkeypatch):
     path, _ = make(tmp_path, good, kind, marker, suffix)
 
     def refuse(*a, **k):
@@ -259,7 +250,7 @@ def test_init_from_refuses(tmp_path, good, marker, suffix, kind, monkeypatch):
 
     monkeypatch.setattr(train_module, "build", refuse)
     with pytest.raises(UntrustedConfigError):
-        train_module.train(cfg_for(tmp_path, f"init_from={path}"))
+        train_module.train(cfg_for(tmp_path, f"{key}={path}"))
 
 
 def test_export_refuses(tmp_path, good, marker, capsys):

@@ -11,15 +11,18 @@ import json
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from odise_pl.checkpoints import load_trainable, read_checkpoint_file, resolve_from_checkpoint
-from odise_pl.config import CONFIG_DIR, check_config
+from odise_pl.config import CONFIG_DIR
 from odise_pl.data.transforms import ResizeShortestEdge
 from odise_pl.data.vocab import Vocabulary, dataset_vocab
 from odise_pl.errors import exit_on_user_error
-from odise_pl.evaluation.lit_eval import EvalDataModule, OpenVocabEvaluation, eval_trainer
+from odise_pl.evaluation.lit_eval import (
+    EvalDataModule,
+    OpenVocabEvaluation,
+    eval_trainer,
+    model_from_checkpoint,
+)
 from odise_pl.fs import check_writable_dir
 from odise_pl.inference.predictor import Predictor
 from odise_pl.log_setup import get_logger
@@ -109,16 +112,9 @@ def evaluate(cfg: DictConfig) -> dict:
     checkpoint, evaluate every dataset; results are written by the first process.
     """
     out = check_writable_dir(cfg.paths.output_dir)  # before the evaluation, not after it
-    ckpt = read_checkpoint_file(cfg.ckpt_path, trust=cfg.trust_checkpoint_config) if cfg.ckpt_path else None
-    desc = ckpt.description if ckpt else None
-    cfg = resolve_from_checkpoint(cfg, desc, cfg.ckpt_path, "eval")
-    check_config(cfg)
-    torch.manual_seed(cfg.seed)
+    cfg, module, desc = model_from_checkpoint(cfg, "eval")
     trainer = eval_trainer(cfg)
-    module = hydra.utils.instantiate(cfg.model)
-    if ckpt is not None:
-        load_trainable(module.net, ckpt)
-    net = module.net.eval()
+    net = module.net
     source = cfg.get("train_vocabulary") or module.train_vocabulary
     if cfg.get("train_vocabulary") is None and desc and desc.get("vocabulary"):
         train_vocab = desc["vocabulary"]  # exactly what the checkpoint was trained on

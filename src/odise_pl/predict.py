@@ -13,17 +13,15 @@ import time
 from pathlib import Path
 
 import hydra
-import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
 
-from odise_pl.checkpoints import load_trainable, read_checkpoint_file, resolve_from_checkpoint
-from odise_pl.config import CONFIG_DIR, check_config
+from odise_pl.config import CONFIG_DIR
 from odise_pl.data.io import read_json
 from odise_pl.data.transforms import ResizeShortestEdge
 from odise_pl.data.vocab import Vocabulary, dataset_vocab
 from odise_pl.errors import ConfigError, exit_on_user_error
-from odise_pl.evaluation.lit_eval import eval_trainer
+from odise_pl.evaluation.lit_eval import eval_trainer, model_from_checkpoint
 from odise_pl.fs import check_writable_dir
 from odise_pl.inference.limits import InputLimits
 from odise_pl.inference.predict_loop import (
@@ -71,11 +69,7 @@ def predict(cfg: DictConfig) -> dict:
     if not cfg.get("input") or not cfg.get("output"):
         raise ConfigError("give input=DIR|GLOB|LIST_FILE and output=DIR (e.g. input=photos output=segmented)")
     out = check_writable_dir(cfg.output)  # before the model, not after hours of work
-    ckpt = read_checkpoint_file(cfg.ckpt_path, trust=cfg.trust_checkpoint_config) if cfg.ckpt_path else None
-    desc = ckpt.description if ckpt else None
-    cfg = resolve_from_checkpoint(cfg, desc, cfg.ckpt_path, "predict")
-    check_config(cfg)
-    vocab, image_ids = predict_vocabulary(cfg)
+    vocab, image_ids = predict_vocabulary(cfg)  # the inputs first: a bad one fails before the model
     base, images = find_images(cfg.input)
     items = [(p, relative_stem(p, base)) for p in images]
     todo = [(p, s) for p, s in items if not (out / "segments" / f"{s}.json").is_file()]
@@ -86,11 +80,7 @@ def predict(cfg: DictConfig) -> dict:
         len(vocab),
         out,
     )
-    torch.manual_seed(cfg.seed)
-    module = hydra.utils.instantiate(cfg.model)
-    if ckpt is not None:
-        load_trainable(module.net, ckpt)
-    module.net.eval()
+    cfg, module, desc = model_from_checkpoint(cfg, "predict")
     train_vocab = desc.get("vocabulary") if desc else None
     predictor = module.make_predictor(train_vocab)
     trainer = eval_trainer(cfg, callbacks=[TQDMProgressBar(refresh_rate=1)])

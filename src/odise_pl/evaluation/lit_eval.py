@@ -86,3 +86,23 @@ def eval_trainer(cfg: DictConfig, callbacks: list | None = None) -> L.Trainer:
         enable_model_summary=False,
         **overrides,
     )
+
+
+def model_from_checkpoint(cfg: DictConfig, config_name: str):
+    """(cfg, LightningModule in eval mode, description or None): the model ``cfg.ckpt_path`` describes
+    (or ``cfg``'s own without a self-describing file), its checkpoint read once, checked as data and
+    loaded; what evaluation and prediction both start with.
+    """
+    from odise_pl.checkpoints import load_trainable, read_checkpoint_file, resolve_from_checkpoint
+    from odise_pl.config import check_config
+
+    ckpt = read_checkpoint_file(cfg.ckpt_path, trust=cfg.trust_checkpoint_config) if cfg.ckpt_path else None
+    desc = ckpt.description if ckpt else None
+    cfg = resolve_from_checkpoint(cfg, desc, cfg.ckpt_path, config_name)
+    check_config(cfg)
+    torch.manual_seed(cfg.seed)
+    module = hydra.utils.instantiate(cfg.model)
+    if ckpt is not None:
+        load_trainable(module.net, ckpt)
+    module.net.eval()
+    return cfg, module, desc
