@@ -8,7 +8,7 @@ import pytest
 import torch
 
 
-def _run(tmp_path, name, devices, batch, seed=0):
+def _run(tmp_path, name, devices, batch, seed=0, steps=10, extra=()):
     out = tmp_path / name
     cmd = [
         sys.executable,
@@ -18,10 +18,10 @@ def _run(tmp_path, name, devices, batch, seed=0):
         f"trainer.devices={devices}",
         f"data.batch_size={batch}",
         f"data.seed={seed}",
-        "trainer.max_steps=10",
+        f"trainer.max_steps={steps}",
         "trainer.val_check_interval=1000",
         "data.num_workers=0",
-        "callbacks.model_checkpoint.every_n_train_steps=10",
+        f"callbacks.model_checkpoint.every_n_train_steps={steps}",
         "callbacks.progress.refresh_rate=0",
         f"paths.root_dir={tmp_path}",
         f"paths.output_dir={out}",
@@ -29,6 +29,7 @@ def _run(tmp_path, name, devices, batch, seed=0):
         "data.synthetic.num_train=12",
         "data.synthetic.num_val=4",
         "trainer.enable_model_summary=false",
+        *extra,
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -53,3 +54,27 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     # the 2-process run stays far closer to the 1-process run than a run on other data does. What
     # remains is the no-object-weighted CE mean, taken per process (as in Mask2Former under DDP).
     assert _rel(one, two) < 0.5 * _rel(one, other_data), (_rel(one, two), _rel(one, other_data))
+
+
+@pytest.mark.slow
+def test_two_processes_accumulating_take_the_step_of_one_whole_batch(tmp_path):
+    """Caption supervision, global batch 4: 2 gloo processes x 2 accumulation steps of 1 image (DDP
+    with static_graph, as trainer=ddp) take the same SGD step as one process with the batch at once:
+    the grounding loss over the whole global batch (gradient cache) and every normaliser global."""
+    step = [
+        "model.supervision=caption",
+        "model.net.transformer_decoder.objectness=true",
+        "model.criterion.class_normaliser=global",
+        "data.global_batch_size=4",
+        "model.optimizer._target_=torch.optim.SGD",
+        "model.optimizer.weight_decay=0",
+        "model.scheduler.warmup_factor=1.0",
+        "trainer.gradient_clip_val=null",
+        "+trainer.strategy.static_graph=true",
+    ]
+    w0 = _run(tmp_path, "w0", 1, 4, steps=1, extra=[*step, "model.optimizer.lr=0"])
+    one = _run(tmp_path, "one", 1, 4, steps=1, extra=[*step, "model.optimizer.lr=1"])
+    two = _run(tmp_path, "two", 2, 1, steps=1, extra=[*step, "model.optimizer.lr=1"])
+    update = {k: one[k] - w0[k] for k in one}
+    assert _rel(update, {k: two[k] - w0[k] for k in two}) < 1e-3
+    assert sum(float(u.abs().sum()) for u in update.values()) > 0

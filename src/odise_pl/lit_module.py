@@ -7,6 +7,7 @@ optimiser set-up (``optim.py``) and inference (``inference/``) do; run guards ar
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -19,6 +20,7 @@ from odise_pl.data.vocab import dataset_vocab, training_vocabulary
 from odise_pl.evaluation.runner import compute_evaluators, make_evaluators, update_evaluators
 from odise_pl.inference.predictor import Predictor
 from odise_pl.loss.criterion import SetCriterion
+from odise_pl.loss.global_batch import global_batch_step
 from odise_pl.loss.grounding import GroundingLoss
 from odise_pl.loss.odise_loss import ODISELoss
 from odise_pl.model.odise import ODISE, to_unit
@@ -71,6 +73,8 @@ class ODISELitModule(TrainableOnlyCheckpoints, L.LightningModule):
         self.evaluators = torch.nn.ModuleDict()
         self.nonfinite_terms: list[str] = []  # of the last skipped step (callbacks.nonfinite reports them)
         self.description: dict | None = None  # odise_pl.checkpoints.describe(cfg), set by train
+        self._step_batches: list[dict] = []  # the micro-batches of the step being accumulated
+        self.step_skipped = False  # whether the last training_step skipped a step (callbacks.nonfinite)
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self.trainer is not None else None
@@ -84,7 +88,15 @@ class ODISELitModule(TrainableOnlyCheckpoints, L.LightningModule):
         self.evaluators = torch.nn.ModuleDict(make_evaluators(vocabulary, isthing))
 
     # -- training ------------------------------------------------------------------------------
-    def compute_losses(self, batch: dict) -> dict[str, Tensor]:
+    def on_train_start(self) -> None:
+        # None is how micro-batches are kept for the step's last one (and how a non-finite step is
+        # skipped, which callbacks.nonfinite reports): not worth Lightning's warning.
+        warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
+
+    def forward_batch(self, batch: dict) -> tuple[dict, Tensor | None]:
+        """The model's outputs for a batch (classified for label supervision) and, for caption
+        supervision, its captions' word embeddings (B, K, D).
+        """
         outputs = self.net(to_unit(batch["images"]), batch.get("captions"))
         if self.supervision == "label":
             self.net.classify(outputs, *self.net.text_embeddings(self.vocabulary))
@@ -93,27 +105,62 @@ class ODISELitModule(TrainableOnlyCheckpoints, L.LightningModule):
             if "words" in batch and self.supervision == "caption"
             else None
         )
+        return outputs, words
+
+    def compute_losses(self, batch: dict) -> dict[str, Tensor]:
+        """The loss terms of one batch taken as a whole step (no accumulation)."""
+        outputs, words = self.forward_batch(batch)
         return self.loss(
             outputs, batch["targets"], words, self.net.classifier.scale, batch.get("words_valid")
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
-        losses = self.compute_losses(batch)
-        total = sum(losses.values())
-        nonfinite = not bool(torch.isfinite(total.detach()))
-        if self.trainer is not None and self.trainer.world_size > 1:
-            # Every process must skip together, or DDP's gradient all-reduce would hang.
-            nonfinite = self.trainer.strategy.reduce_boolean_decision(nonfinite, all=False)
-        if nonfinite:  # skip: no backward, no update (callbacks.nonfinite counts and stops)
-            self.nonfinite_terms = [k for k, v in losses.items() if not torch.isfinite(v.detach())]
+        """Under gradient accumulation Lightning hands over one micro-batch at a time: they are kept
+        until the step's last one, then the step's losses are computed over all of them
+        (:func:`~odise_pl.loss.global_batch.global_batch_step`: global normalisers and, for
+        caption supervision, the grounding loss over the whole global batch), back-propagating
+        every micro-batch but the last, whose loss Lightning's closure back-propagates.
+        """
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        self._step_batches.append(batch)
+        self.step_skipped = False
+        if (batch_idx + 1) % accumulate:
+            return None  # Lightning zeroes the gradients now, before anything is back-propagated
+        micro_batches, self._step_batches = self._step_batches, []
+        step = global_batch_step(
+            self.loss,
+            micro_batches,
+            self.forward_batch,
+            backward=lambda loss: self.trainer.strategy.backward(loss, None),
+            scale=self.net.classifier.scale,
+            num_queries=self.net.transformer_decoder.query_feat.num_embeddings,
+            all_finite=self._all_finite,
+        )
+        if step is None:  # skip: no update (callbacks.nonfinite counts and stops)
+            self.step_skipped = True
+            for p in self.parameters():
+                p.grad = None  # what earlier micro-batches of the step left
             return None
-        bs = batch["images"].shape[0]
+        total = sum(step.terms.values())
+        bs = sum(mb["images"].shape[0] for mb in micro_batches)
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
-        for k, v in losses.items():
+        for k, v in step.terms.items():
             if not k.rsplit("_", 1)[-1].isdigit():  # final-set terms only; aux sets are in train/loss
                 self.log(f"train/{k}", v, batch_size=bs)
         self.log("train/logit_scale", self.net.classifier.scale.detach(), batch_size=bs)
-        return total
+        # Lightning divides what it back-propagates by the accumulation steps; the step's terms
+        # are already normalised over the global batch.
+        return step.last * accumulate
+
+    def _all_finite(self, terms: dict[str, Tensor]) -> bool:
+        bad = [k for k, v in terms.items() if not bool(torch.isfinite(v))]
+        nonfinite = bool(bad)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Every process must skip together, or DDP's gradient all-reduce would hang.
+            nonfinite = self.trainer.strategy.reduce_boolean_decision(nonfinite, all=False)
+        if nonfinite:
+            self.nonfinite_terms = bad or ["(on another process)"]
+        return not nonfinite
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from odise_pl.errors import WeightsNotFoundError
+from odise_pl.single_file import is_single_file, load_part
 
 Mode = Literal["pretrained", "random", "tiny", "meta"]
 MODES = ("pretrained", "random", "tiny", "meta")
@@ -93,7 +94,8 @@ TINY_TEXT = dict(
 DEFAULT_SD = "CompVis/stable-diffusion-v1-3"  # PARITY: the official model is built on SD v1.3
 SD_HINT = (
     "Download a Stable Diffusion v1.x checkpoint in diffusers format (e.g. `huggingface-cli download {src}`) "
-    "or point the config at a local folder: `weights.sd_source=/path/to/stable-diffusion-v1-3`. "
+    "or point the config at a local folder: `weights.sd_source=/path/to/stable-diffusion-v1-3`, "
+    "or at the original single-file release: `weights.sd_source=/path/to/sd-v1-3.ckpt`. "
     "For a run without weights use `weights.mode=random` (full size) or `weights.mode=tiny`."
 )
 
@@ -137,18 +139,24 @@ def _sd_part(
     mode: str, source: str, cls, subfolder: str, what: str, sizes: tuple[dict, dict], wrap=None
 ) -> nn.Module:
     """One part of SD v1, frozen: ``cls.from_pretrained(source, subfolder)``, or built from
-    ``sizes`` (full, tiny), through ``wrap`` (a config class) when given.
+    ``sizes`` (full, tiny), through ``wrap`` (a config class) when given; a ``source`` that is one
+    checkpoint file is built full size and loaded from the file's part ``subfolder``.
     """
     _check_mode(mode)
-    if mode == "pretrained":
+    if mode == "pretrained" and not is_single_file(source):
         return _frozen(_from_pretrained(cls, source, subfolder, what))
     kwargs = sizes[1] if mode == "tiny" else sizes[0]
     with _device(mode):
-        return _frozen(cls(wrap(**kwargs)) if wrap else cls(**kwargs))
+        model = cls(wrap(**kwargs)) if wrap else cls(**kwargs)
+    if mode == "pretrained":  # the original single-file release (sd-v1-3.ckpt): SD v1's shapes, its weights
+        load_part(source, subfolder, model)
+    return _frozen(model)
 
 
 def load_unet(mode: Mode = "pretrained", source: str = DEFAULT_SD) -> nn.Module:
-    """Stable Diffusion v1.x ``UNet2DConditionModel``, frozen."""
+    """Stable Diffusion v1.x ``UNet2DConditionModel``, frozen. ``source``: a diffusers folder, a hub
+    id, or one original checkpoint file (``sd-v1-3.ckpt``: :mod:`odise_pl.single_file`).
+    """
     from diffusers import UNet2DConditionModel
 
     return _sd_part(mode, source, UNet2DConditionModel, "unet", "diffusion UNet", (SD_V1_UNET, TINY_UNET))

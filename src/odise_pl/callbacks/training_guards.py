@@ -16,7 +16,9 @@ log = get_logger(__name__)
 
 class NonFiniteLossMonitor(L.Callback):
     """Counts the steps the LightningModule skipped for a NaN / inf loss (its ``training_step``
-    returns None: no backward, no update) and stops training after ``max_in_a_row`` in a row.
+    returns None: no backward, no update; ours says so in ``step_skipped``, as it also returns None
+    for the micro-batches it keeps until a step's last) and stops training after ``max_in_a_row`` in
+    a row.
 
     The module names the offending terms in ``nonfinite_terms``; every skip is logged as
     ``train/nonfinite_steps`` and warned about.
@@ -29,8 +31,12 @@ class NonFiniteLossMonitor(L.Callback):
         self.in_a_row = self.total = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Lightning hands over {} (or None) for a step whose training_step returned None
-        if outputs is not None and (not isinstance(outputs, dict) or outputs.get("loss") is not None):
+        skipped = getattr(pl_module, "step_skipped", None)
+        if (
+            skipped is None
+        ):  # another module: Lightning hands over {} (or None) when training_step returned None
+            skipped = outputs is None or (isinstance(outputs, dict) and outputs.get("loss") is None)
+        if not skipped:  # a step taken, or a micro-batch kept for the step's last one
             self.in_a_row = 0
             return
         self.in_a_row += 1

@@ -137,18 +137,30 @@ def official_name(key: str, feature_order: list[str], head: str) -> str:
 
 
 def _stub(name: str) -> type:
+    """A class standing for a foreign global: built from any arguments and state, doing nothing
+    (``exec`` named by a hostile file becomes one of these, and is never called).
+    """
     module, _, qual = name.rpartition(".")
-    return type(qual, (), {"__module__": module, "__setstate__": lambda self, state: None})
+    return type(
+        qual,
+        (),
+        {
+            "__module__": module,
+            "__init__": lambda self, *args, **kwargs: None,
+            "__setstate__": lambda self, state: None,
+        },
+    )
 
 
-def read_their_checkpoint(path: str | Path, progress: bool = True) -> dict[str, torch.Tensor]:
-    """The model state dict of a detectron2 checkpoint, loaded with ``weights_only=True``; non-tensor
-    objects beside it (detectron2 metadata) become inert placeholders. Non-tensor entries are dropped.
-    ``progress``: a bar of the bytes read, with the rate (released files are several GB).
+def read_pickle_inert(path: str | Path, progress: bool = True, what: str = "checkpoint") -> object:
+    """A pickled checkpoint (``torch.save``) loaded with ``weights_only=True``, where each foreign
+    object stored beside the tensors (detectron2 metadata, a training framework's callbacks)
+    becomes an inert placeholder: no code named by the file runs. ``progress``: a bar of the bytes
+    read, with the rate (released files are several GB).
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{what} not found: {path}")
     allowed: list = []
     for _ in range(50):
         try:
@@ -167,15 +179,22 @@ def read_their_checkpoint(path: str | Path, progress: bool = True) -> dict[str, 
                 ) as f,
                 torch.serialization.safe_globals(allowed),
             ):
-                ckpt = torch.load(f, map_location="cpu", weights_only=True)
-            break
+                return torch.load(f, map_location="cpu", weights_only=True)
         except Exception as err:  # UnpicklingError for a foreign global, RuntimeError for a broken zip
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
             if found is None:
-                raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-            allowed.append((_stub(found.group(1)), found.group(1)))
-    else:
-        raise CheckpointError(f"{path}: too many foreign objects in the file")
+                raise CheckpointError(f"cannot read {what} {path}: {type(err).__name__}: {err}") from err
+            name = found.group(1) if "." in found.group(1) else f"builtins.{found.group(1)}"  # torch omits it
+            allowed.append((_stub(name), name))
+    raise CheckpointError(f"{path}: too many foreign objects in the file")
+
+
+def read_their_checkpoint(path: str | Path, progress: bool = True) -> dict[str, torch.Tensor]:
+    """The model state dict of a detectron2 checkpoint (:func:`read_pickle_inert`). Non-tensor
+    entries are dropped.
+    """
+    path = Path(path)
+    ckpt = read_pickle_inert(path, progress)
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(

@@ -5,11 +5,11 @@ losses, over the final and every auxiliary prediction set (deep supervision).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from odise_pl.loss.matcher import HungarianMatcher, pad_target_masks
+from odise_pl.loss.normalisers import CLASS_NORMALISERS, Normalisers, at_least_fp32, count_normalisers
 from odise_pl.loss.point_sampling import point_sample, uncertain_point_coords
 
 
@@ -50,13 +50,7 @@ def _sample_targets(padded: Tensor, indices, coords: Tensor) -> Tensor:
     return torch.cat(out)
 
 
-def global_num_masks(targets: list[dict], device) -> float:
-    """Number of target masks over the whole (distributed) batch, at least 1."""
-    n = torch.tensor(float(sum(len(t["masks"]) for t in targets)), device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(n)
-        n = n / dist.get_world_size()
-    return max(n.item(), 1.0)
+_PER_CALL = Normalisers(num_masks=1.0)  # the cross-entropy's own weighted mean
 
 
 class SetCriterion(nn.Module):
@@ -71,7 +65,14 @@ class SetCriterion(nn.Module):
         class_weight, mask_weight, dice_weight: 2.0 / 5.0 / 5.0.
         no_object_weight: CE weight of the no-object class (0.1).
         num_points, oversample_ratio, importance_ratio: 12544 / 3.0 / 0.75.
+        class_normaliser: what the cross-entropy's weighted sum is divided by: ``micro_batch``
+            (PARITY: each process's batch its own weighted mean, as ``F.cross_entropy(weight=...)``
+            in the official code on 8 GPUs of 8 images; under gradient accumulation each
+            micro-batch's, averaged) or ``global`` (the global batch's summed weights: the same
+            loss however the batch is split across processes and accumulation steps).
 
+    The mask losses are divided by the global batch's number of target masks (PARITY), counted over
+    every process and micro-batch of the step (:mod:`odise_pl.loss.normalisers`).
     """
 
     def __init__(
@@ -85,8 +86,15 @@ class SetCriterion(nn.Module):
         num_points: int = 12544,
         oversample_ratio: float = 3.0,
         importance_ratio: float = 0.75,
+        class_normaliser: str = "micro_batch",
     ):
         super().__init__()
+        if class_normaliser not in CLASS_NORMALISERS:
+            raise ValueError(
+                f"model.criterion.class_normaliser must be one of {CLASS_NORMALISERS}, got {class_normaliser!r}"
+            )
+        # DIVERGES(class-normaliser-global) with class_normaliser=global: one weighted mean over the global batch (official: per process batch)
+        self.class_normaliser = class_normaliser
         self.matcher = matcher
         self.weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
         self.no_object_weight = no_object_weight
@@ -96,15 +104,30 @@ class SetCriterion(nn.Module):
             importance_ratio,
         )
 
-    def loss_labels(self, outputs: dict, targets: list[dict], indices) -> Tensor:
-        logits = outputs["pred_logits"].float()  # (B, Q, K + 1)
+    def normalisers(self, target_groups: list[list[dict]], num_queries: int, device) -> Normalisers:
+        """The step's :class:`Normalisers` from the targets of this process's micro-batches."""
+        return count_normalisers(
+            target_groups,
+            num_queries=num_queries,
+            no_object_weight=self.no_object_weight,
+            class_normaliser=self.class_normaliser,
+            device=device,
+        )
+
+    def loss_labels(
+        self, outputs: dict, targets: list[dict], indices, norm: Normalisers = _PER_CALL
+    ) -> Tensor:
+        logits = at_least_fp32(outputs["pred_logits"])  # (B, Q, K + 1)
         b, q, k1 = logits.shape
         target_classes = torch.full((b, q), k1 - 1, dtype=torch.long, device=logits.device)
         for i, ((src, tgt), t) in enumerate(zip(indices, targets)):
             target_classes[i, src.to(logits.device)] = t["labels"][tgt].to(logits.device)
-        weight = torch.ones(k1, device=logits.device)
+        weight = torch.ones(k1, device=logits.device, dtype=logits.dtype)
         weight[-1] = self.no_object_weight
-        return F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
+        if norm.class_weight is None:
+            return F.cross_entropy(logits.transpose(1, 2), target_classes, weight) / norm.micro_batches
+        summed = F.cross_entropy(logits.transpose(1, 2), target_classes, weight, reduction="sum")
+        return summed / norm.class_weight
 
     def loss_masks(
         self,
@@ -122,7 +145,7 @@ class SetCriterion(nn.Module):
             return zero, zero
         if padded is None:
             padded = pad_target_masks(targets, pred)
-        src = src[:, None].float()
+        src = at_least_fp32(src[:, None])
         with torch.no_grad():
             # One seed per matched mask: its image's sample seed and its target index.
             seeds = None
@@ -131,14 +154,20 @@ class SetCriterion(nn.Module):
             coords = uncertain_point_coords(
                 src, self.num_points, self.oversample_ratio, self.importance_ratio, seeds, salt
             )
-            labels = _sample_targets(padded, indices, coords)
+            labels = _sample_targets(padded, indices, coords).to(src.dtype)
         logits = point_sample(src, coords)[:, 0]
         return sigmoid_ce_loss(logits, labels, num_masks), dice_loss(logits, labels, num_masks)
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
-        """outputs: model outputs (with aux_outputs); targets: per image ``masks``, ``labels``."""
-        # DIVERGES(normaliser-microbatch): per micro-batch under gradient accumulation (official: per global batch)
-        num_masks = global_num_masks(targets, outputs["pred_masks"].device)
+    def forward(
+        self, outputs: dict, targets: list[dict], norm: Normalisers | None = None
+    ) -> dict[str, Tensor]:
+        """outputs: model outputs (with aux_outputs); targets: per image ``masks``, ``labels``;
+        ``norm``: the step's normalisers (default: counted over this call's batch on every process).
+        """
+        pred = outputs["pred_masks"]
+        if norm is None:
+            norm = self.normalisers([targets], pred.shape[1], pred.device)
+        num_masks = norm.num_masks
         sets = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
         losses: dict[str, Tensor] = {}
         # Built once: every prediction set is matched against the same (full-resolution) targets.
@@ -146,7 +175,9 @@ class SetCriterion(nn.Module):
         for k, (suffix, out) in enumerate(sets):
             indices = self.matcher(out, targets, salt=k, padded=padded)
             if "pred_logits" in out:
-                losses["loss_ce" + suffix] = self.weights["loss_ce"] * self.loss_labels(out, targets, indices)
+                losses["loss_ce" + suffix] = self.weights["loss_ce"] * self.loss_labels(
+                    out, targets, indices, norm
+                )
             lm, ld = self.loss_masks(out, targets, indices, num_masks, salt=k, padded=padded)
             losses["loss_mask" + suffix] = self.weights["loss_mask"] * lm
             losses["loss_dice" + suffix] = self.weights["loss_dice"] * ld

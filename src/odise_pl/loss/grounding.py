@@ -7,6 +7,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from odise_pl.loss.normalisers import at_least_fp32, world_size
+
 
 def gather_with_local_grad(x: Tensor) -> Tensor:
     """all_gather along dim 0; this rank's slice keeps its autograd graph, the others are constants."""
@@ -55,9 +57,12 @@ class GroundingLoss(nn.Module):
     process has as many valid captions.)
 
     Under DDP every process computes the loss of the whole global batch, with gradients through
-    its own samples only; the backward is scaled by the world size so that DDP's gradient
-    averaging yields exactly the single-process gradient of the global-batch loss (the value
-    returned is the unscaled loss).
+    its own samples only; their backward is scaled by the world size so that DDP's gradient
+    averaging yields exactly the single-process gradient of the global-batch loss. The temperature
+    enters every process's loss whole, so its gradient is left unscaled (DDP averages equal values).
+    The value returned is the unscaled loss. Under gradient accumulation the global batch spans
+    micro-batches too: :mod:`odise_pl.loss.global_batch` hands this loss all of a step's
+    embeddings at once (gradient cache).
 
     Args:
         weight: loss weight.
@@ -76,22 +81,30 @@ class GroundingLoss(nn.Module):
     def forward(
         self, mask_embed: Tensor, word_embed: Tensor, scale: Tensor, valid: Tensor | None = None
     ) -> Tensor:
-        # DIVERGES(caption-batch-accumulation): contrasts the processes' current micro-batches; with gradient accumulation not the whole global batch of 64 as officially (issue: parity round two)
-        z = gather_with_local_grad(mask_embed.float())
-        w = gather_with_local_grad(word_embed.float())
-        g = grounding_similarity(z, w, scale.float(), self.softmax_over)
-        logits = scale.float() * g
+        world = world_size()
+        scale = at_least_fp32(scale)
+        if world > 1:  # value unchanged; gradient / world, undoing the scaling below for the temperature
+            scale = scale / world + scale.detach() * (1 - 1 / world)
+        z = gather_with_local_grad(at_least_fp32(mask_embed))
+        w = gather_with_local_grad(at_least_fp32(word_embed))
+        g = grounding_similarity(z, w, scale, self.softmax_over)
+        logits = scale * g
         target = torch.arange(g.shape[0], device=g.device)
-        if valid is None or bool(valid.all()):
+        # gathered whenever given: whether any caption is invalid is a global decision (every
+        # process must run the same collectives)
+        v = (
+            None
+            if valid is None
+            else gather_with_local_grad(valid.to(device=logits.device, dtype=logits.dtype))
+        )
+        if v is None or bool(v.all()):
             loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
         else:
-            v = gather_with_local_grad(valid.to(logits.device).float())
             image_to_text = (
                 F.cross_entropy(logits, target, weight=v) if v.any() else F.cross_entropy(logits, target)
             )
             text_to_image = (F.cross_entropy(logits.t(), target, reduction="none") * v).mean()
             loss = 0.5 * (image_to_text + text_to_image)
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if world > 1:
             loss = loss * world - (loss * (world - 1)).detach()
         return self.weight * loss

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from odise_pl.errors import ConfigError
 from odise_pl.loss.criterion import SetCriterion
 from odise_pl.loss.grounding import GroundingLoss
+from odise_pl.loss.normalisers import Normalisers
 
 
 class ODISELoss(nn.Module):
@@ -57,6 +58,21 @@ class ODISELoss(nn.Module):
         self.criterion, self.grounding, self.supervision = criterion, grounding, supervision
         self.objectness = objectness
 
+    def normalisers(self, target_groups: list[list[dict]], num_queries: int, device) -> Normalisers:
+        """The step's normalisers from the targets of this process's micro-batches."""
+        return self.criterion.normalisers(target_groups, num_queries, device)
+
+    def grounding_terms(
+        self, mask_embeds: list[Tensor], words: Tensor, scale: Tensor, words_valid: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """``loss_ground`` (final set) and ``loss_ground_{i}`` (aux set i) from each set's
+        ``mask_embed`` (B, N, D) and the captions' ``words`` (B, K, D).
+        """
+        return {
+            "loss_ground" + ("" if i == 0 else f"_{i - 1}"): self.grounding(e, words, scale, words_valid)
+            for i, e in enumerate(mask_embeds)
+        }
+
     def forward(
         self,
         outputs: dict,
@@ -64,20 +80,25 @@ class ODISELoss(nn.Module):
         words: Tensor | None = None,
         scale: Tensor | None = None,
         words_valid: Tensor | None = None,
+        normalisers: Normalisers | None = None,
+        ground: bool = True,
     ) -> dict[str, Tensor]:
+        """``normalisers``: the step's (default: this batch's, over every process); ``ground=False``
+        leaves the grounding terms to the caller (the gradient cache computes them over a whole step).
+        """
         sets = [outputs, *outputs.get("aux_outputs", [])]
         if self.supervision == "caption" and self.objectness:
             for out in sets:
                 out["pred_logits"] = out["pred_objectness"]
             targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-        losses = self.criterion(outputs, targets)
-        if self.supervision == "caption":
+        losses = self.criterion(outputs, targets, normalisers)
+        if self.supervision == "caption" and ground:
             if words is None or scale is None:
                 raise ConfigError(
                     "model.supervision=caption needs captions: set data.k_words > 0 and "
                     "data.train_dataset.captions=true (or a caption_source), or train with model.supervision=label"
                 )
-            for i, out in enumerate(sets):
-                suffix = "" if i == 0 else f"_{i - 1}"
-                losses["loss_ground" + suffix] = self.grounding(out["mask_embed"], words, scale, words_valid)
+            losses.update(
+                self.grounding_terms([out["mask_embed"] for out in sets], words, scale, words_valid)
+            )
         return losses

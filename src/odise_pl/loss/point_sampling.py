@@ -9,9 +9,8 @@ from torch import Tensor
 
 def point_sample(inputs: Tensor, coords: Tensor) -> Tensor:
     """Inputs (N, C, H, W), coords (N, P, 2) in [0, 1] as (x, y) -> (N, C, P), bilinear, align_corners=False."""
-    return F.grid_sample(inputs, 2.0 * coords[:, :, None, :] - 1.0, mode="bilinear", align_corners=False)[
-        ..., 0
-    ]
+    grid = 2.0 * coords.to(inputs.dtype)[:, :, None, :] - 1.0
+    return F.grid_sample(inputs, grid, mode="bilinear", align_corners=False)[..., 0]
 
 
 def sample_rand(n: int, shape: tuple[int, ...], seeds: list | None, salt: int, device) -> Tensor:
