@@ -72,7 +72,8 @@ def test_two_processes_accumulating_take_the_step_of_one_whole_batch(tmp_path):
         "trainer.gradient_clip_val=null",
         "+trainer.strategy.static_graph=true",
     ]
-    w0 = _run(tmp_path, "w0", 1, 4, steps=1, extra=[*step, "model.optimizer.lr=0"])
+    # lr 1e-30: the initial weights, to float32 precision (lr must be positive)
+    w0 = _run(tmp_path, "w0", 1, 4, steps=1, extra=[*step, "model.optimizer.lr=1e-30"])
     one = _run(tmp_path, "one", 1, 4, steps=1, extra=[*step, "model.optimizer.lr=1"])
     two = _run(tmp_path, "two", 2, 1, steps=1, extra=[*step, "model.optimizer.lr=1"])
     update = {k: one[k] - w0[k] for k in one}

@@ -54,6 +54,11 @@ RULES: list[tuple[str, str]] = [
     (r"^python -m odise_pl\.train -m hydra/launcher=slurm", "tests/test_cluster.py::test_slurm_launcher_takes_nodes_gpus_time_partition_from_config"),
     (r"^python -m odise_pl\.train -m hydra/launcher=local", "tests/test_cluster.py::test_two_point_sweep_through_submitit_with_named_wandb_runs"),
     (r"^python -m odise_pl\.train validate_before_training=true", f"{HERE}::test_validate_before_training"),
+    # README "Diffusion backbones"
+    (r"^python -m odise_pl\.train backbone=(sd2|sdxl) ", "tests/test_backbones.py::test_each_backbone_trains_saves_only_what_is_trained_and_segments"),
+    (r"^python -m odise_pl\.train weights\.unet_source=", "tests/test_backbones.py::test_a_fine_tuned_unet_replaces_the_base_models"),
+    (r"^python -m odise_pl\.train -m ablation=diffusion", "tests/test_backbones.py::test_the_diffusion_ablation_trains_every_backbone"),
+    (r"^python benchmarks/bench_backbones\.py", "tests/test_backbones.py::test_bench_backbones_prints_the_table_and_its_ratios"),
     # training at paper scale needs COCO and GPUs: the same entry point and experiments, synthetic data
     (r"^python -m odise_pl\.train experiment=\w+ (trainer=|captioner=)", "tests/test_experiments_slow.py::test_every_experiment_one_step"),
     (r"^python -m odise_pl\.eval ckpt_path=\S+ (model\.|trainer=ddp)", "tests/test_eval.py::test_two_process_evaluation_equals_one"),

@@ -7,7 +7,6 @@ optimiser set-up (``optim.py``) and inference (``inference/``) do; run guards ar
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -20,7 +19,7 @@ from odise_pl.data.vocab import dataset_vocab, training_vocabulary
 from odise_pl.evaluation.runner import compute_evaluators, make_evaluators, update_evaluators
 from odise_pl.inference.predictor import Predictor
 from odise_pl.loss.criterion import SetCriterion
-from odise_pl.loss.global_batch import global_batch_step
+from odise_pl.loss.global_batch import average_gradients, global_batch_step
 from odise_pl.loss.grounding import GroundingLoss
 from odise_pl.loss.odise_loss import ODISELoss
 from odise_pl.model.odise import ODISE, to_unit
@@ -80,6 +79,19 @@ class ODISELitModule(TrainableOnlyCheckpoints, L.LightningModule):
         dm = self.trainer.datamodule if self.trainer is not None else None
         if dm is not None and self.vocabulary is None:
             self.set_vocabulary(training_vocabulary(self.train_vocabulary, dm.categories), dm.isthing)
+        if stage == "fit" and self._accumulating_under_ddp():
+            # We synchronise gradients ourselves (on_train_start): DDP's reducer never runs, and its
+            # static-graph mode, which expects it to, is not needed (set before DDP wraps the model).
+            ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
+            if ddp_kwargs and ddp_kwargs.get("static_graph"):
+                ddp_kwargs["static_graph"] = False
+
+    def _accumulating_under_ddp(self) -> bool:
+        return (
+            self._trainer is not None
+            and self.trainer.world_size > 1
+            and self.trainer.accumulate_grad_batches > 1
+        )
 
     def set_vocabulary(self, vocabulary: list[list[str]], isthing: list[bool]) -> None:
         """Categories for label supervision and validation (contiguous ids = list positions)."""
@@ -88,11 +100,6 @@ class ODISELitModule(TrainableOnlyCheckpoints, L.LightningModule):
         self.evaluators = torch.nn.ModuleDict(make_evaluators(vocabulary, isthing))
 
     # -- training ------------------------------------------------------------------------------
-    def on_train_start(self) -> None:
-        # None is how micro-batches are kept for the step's last one (and how a non-finite step is
-        # skipped, which callbacks.nonfinite reports): not worth Lightning's warning.
-        warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
-
     def forward_batch(self, batch: dict) -> tuple[dict, Tensor | None]:
         """The model's outputs for a batch (classified for label supervision) and, for caption
         supervision, its captions' word embeddings (B, K, D).
@@ -114,18 +121,23 @@ class ODISELitModule(TrainableOnlyCheckpoints, L.LightningModule):
             outputs, batch["targets"], words, self.net.classifier.scale, batch.get("words_valid")
         )
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         """Under gradient accumulation Lightning hands over one micro-batch at a time: they are kept
         until the step's last one, then the step's losses are computed over all of them
         (:func:`~odise_pl.loss.global_batch.global_batch_step`: global normalisers and, for
         caption supervision, the grounding loss over the whole global batch), back-propagating
         every micro-batch but the last, whose loss Lightning's closure back-propagates.
+
+        A kept micro-batch, and a step skipped for a non-finite loss, return a zero loss through
+        every trainable parameter rather than None: Lightning refuses None under DDP, and DDP's
+        gradient synchronisation expects every parameter in the graph. A skipped step's gradients
+        are then dropped before the optimiser sees them (:meth:`on_before_optimizer_step`).
         """
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         self._step_batches.append(batch)
         self.step_skipped = False
         if (batch_idx + 1) % accumulate:
-            return None  # Lightning zeroes the gradients now, before anything is back-propagated
+            return self._zero_loss()  # Lightning zeroes the gradients before back-propagating it
         micro_batches, self._step_batches = self._step_batches, []
         step = global_batch_step(
             self.loss,
@@ -138,9 +150,7 @@ class ODISELitModule(TrainableOnlyCheckpoints, L.LightningModule):
         )
         if step is None:  # skip: no update (callbacks.nonfinite counts and stops)
             self.step_skipped = True
-            for p in self.parameters():
-                p.grad = None  # what earlier micro-batches of the step left
-            return None
+            return self._zero_loss()
         total = sum(step.terms.values())
         bs = sum(mb["images"].shape[0] for mb in micro_batches)
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
@@ -151,6 +161,28 @@ class ODISELitModule(TrainableOnlyCheckpoints, L.LightningModule):
         # Lightning divides what it back-propagates by the accumulation steps; the step's terms
         # are already normalised over the global batch.
         return step.last * accumulate
+
+    def _zero_loss(self) -> Tensor:
+        return sum((p * 0).sum() for p in self.parameters() if p.requires_grad)
+
+    def on_train_start(self) -> None:
+        # Under accumulation a step's micro-batches are back-propagated inside one training_step,
+        # i.e. inside one DDP forward, which DDP's reducer cannot follow (with static_graph it
+        # fails): DDP is told never to synchronise, and the step's gradients are averaged here,
+        # once, before clipping and the update (on_before_optimizer_step).
+        self._sync_gradients = False
+        if self._accumulating_under_ddp():
+            ddp = self.trainer.strategy.model
+            if hasattr(ddp, "require_backward_grad_sync"):
+                ddp.require_backward_grad_sync = False
+                self._sync_gradients = True
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.step_skipped:  # no gradient, no update: the optimiser passes over every parameter
+            for p in self.parameters():
+                p.grad = None
+        elif getattr(self, "_sync_gradients", False):
+            average_gradients([p for p in self.parameters() if p.grad is not None])
 
     def _all_finite(self, terms: dict[str, Tensor]) -> bool:
         bad = [k for k, v in terms.items() if not bool(torch.isfinite(v))]

@@ -91,6 +91,103 @@ TINY_TEXT = dict(
     projection_dim=32,
 )
 
+# Stable Diffusion 2.x (stabilityai/stable-diffusion-2-1: 768^2, v-prediction; -2-1-base: 512^2,
+# epsilon): the v1 layout with linear projections in the transformers, per-level head sizes and
+# OpenCLIP ViT-H's text tower (1024-d, its last layer dropped, padding with "!" = id 0).
+SD_V2_UNET = dict(
+    SD_V1_UNET,
+    sample_size=96,
+    cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
+)
+SD_V2_TEXT = dict(
+    SD_V1_TEXT,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    hidden_act="gelu",
+    projection_dim=512,
+)
+# SDXL (stabilityai/stable-diffusion-xl-base-1.0): three levels, 1 / 2 / 10 transformer layers,
+# cross-attention to the concatenated tokens of two text towers (CLIP ViT-L 768 + OpenCLIP bigG
+# 1280 = 2048), and the added conditioning: bigG's pooled embedding and six size / crop numbers.
+SDXL_UNET = dict(
+    SD_V1_UNET,
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=1280 + 6 * 256,
+)
+SDXL_VAE = dict(SD_V1_VAE, sample_size=1024, scaling_factor=0.13025)
+SDXL_TEXT_2 = dict(
+    SD_V1_TEXT,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
+TINY_V2_UNET = dict(TINY_UNET, attention_head_dim=(2, 4, 4, 4), use_linear_projection=True)
+TINY_V2_TEXT = dict(TINY_TEXT, hidden_act="gelu")
+TINY_XL_UNET = dict(
+    SDXL_UNET,
+    sample_size=16,
+    block_out_channels=(16, 32, 32),
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 4, 4),
+    cross_attention_dim=32 + 48,
+    norm_num_groups=8,
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=48 + 6 * 8,
+)
+TINY_XL_TEXT_2 = dict(
+    TINY_TEXT, hidden_size=48, intermediate_size=96, num_attention_heads=4, projection_dim=48
+)
+
+# arch -> part -> (full size, tiny): what random / tiny / meta build and a single file is loaded into
+ARCHITECTURES = {
+    "sd1": {
+        "unet": "SD_V1_UNET TINY_UNET",
+        "vae": "SD_V1_VAE TINY_VAE",
+        "text_encoder": "SD_V1_TEXT TINY_TEXT",
+    },
+    "sd2": {
+        "unet": "SD_V2_UNET TINY_V2_UNET",
+        "vae": "SD_V1_VAE TINY_VAE",
+        "text_encoder": "SD_V2_TEXT TINY_V2_TEXT",
+    },
+    "sdxl": {
+        "unet": "SDXL_UNET TINY_XL_UNET",
+        "vae": "SDXL_VAE TINY_VAE",
+        "text_encoder": "SD_V1_TEXT TINY_TEXT",
+        "text_encoder_2": "SDXL_TEXT_2 TINY_XL_TEXT_2",
+    },
+}
+ARCH_NAMES = {"sd1": "Stable Diffusion v1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL"}
+
+
+def _sizes(arch: str, part: str) -> tuple[dict, dict]:
+    """(full, tiny) config dicts of ``part`` of ``arch``, read from this module's globals at call
+    time (the tests make v1 tiny to load a small single file).
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown diffusion architecture {arch!r}: one of {sorted(ARCHITECTURES)}")
+    if part not in ARCHITECTURES[arch]:
+        raise ValueError(f"{ARCH_NAMES[arch]} has no {part}")
+    full, tiny = ARCHITECTURES[arch][part].split()
+    return globals()[full], globals()[tiny]
+
+
 DEFAULT_SD = "CompVis/stable-diffusion-v1-3"  # PARITY: the official model is built on SD v1.3
 SD_HINT = (
     "Download a Stable Diffusion v1.x checkpoint in diffusers format (e.g. `huggingface-cli download {src}`) "
@@ -145,6 +242,11 @@ def _sd_part(
     _check_mode(mode)
     if mode == "pretrained" and not is_single_file(source):
         return _frozen(_from_pretrained(cls, source, subfolder, what))
+    if mode == "pretrained" and sizes[0] not in (SD_V1_UNET, SD_V1_VAE, SD_V1_TEXT):
+        raise WeightsNotFoundError(
+            f"{source}: single-file checkpoints are read for Stable Diffusion v1.x only; give this model "
+            "in diffusers format (a folder with unet/, vae/, text_encoder/, ... or a hub id) as `weights.sd_source`"
+        )
     kwargs = sizes[1] if mode == "tiny" else sizes[0]
     with _device(mode):
         model = cls(wrap(**kwargs)) if wrap else cls(**kwargs)
@@ -153,42 +255,90 @@ def _sd_part(
     return _frozen(model)
 
 
-def load_unet(mode: Mode = "pretrained", source: str = DEFAULT_SD) -> nn.Module:
-    """Stable Diffusion v1.x ``UNet2DConditionModel``, frozen. ``source``: a diffusers folder, a hub
-    id, or one original checkpoint file (``sd-v1-3.ckpt``: :mod:`odise_pl.single_file`).
+def load_unet(
+    mode: Mode = "pretrained", source: str = DEFAULT_SD, arch: str = "sd1", unet_source: str | None = None
+) -> nn.Module:
+    """The diffusion model's ``UNet2DConditionModel``, frozen.
+
+    Args:
+        mode: see module docstring.
+        source: the base model: a diffusers folder, a hub id, or one original checkpoint file
+            (``sd-v1-3.ckpt``: :mod:`odise_pl.single_file`).
+        arch: ``sd1`` | ``sd2`` | ``sdxl``: the architecture built by ``random`` / ``tiny`` / ``meta``
+            and expected from ``source``.
+        unet_source: another UNet of the same architecture in place of the base model's (a
+            fine-tuned one): a diffusers folder or hub id holding the UNet itself or a ``unet/``
+            subfolder. ``pretrained`` mode only.
     """
     from diffusers import UNet2DConditionModel
 
-    return _sd_part(mode, source, UNet2DConditionModel, "unet", "diffusion UNet", (SD_V1_UNET, TINY_UNET))
+    if mode == "pretrained" and unet_source:
+        model = _frozen(_from_unet_source(UNet2DConditionModel, unet_source))
+    else:
+        model = _sd_part(mode, source, UNet2DConditionModel, "unet", "diffusion UNet", _sizes(arch, "unet"))
+    _check_arch(model, arch, unet_source or source)
+    return model
 
 
-def load_vae(mode: Mode = "pretrained", source: str = DEFAULT_SD) -> nn.Module:
-    """Stable Diffusion v1.x ``AutoencoderKL``, frozen."""
+def _from_unet_source(cls, source: str):
+    if os.path.isdir(source):
+        nested = os.path.isdir(os.path.join(source, "unet"))
+        return _from_pretrained(cls, source, "unet" if nested else None, "diffusion UNet")
+    try:  # a hub id: the UNet's own repository, or a pipeline's unet/
+        return cls.from_pretrained(source)
+    except (OSError, ValueError, EnvironmentError):  # noqa: UP024
+        return _from_pretrained(cls, source, "unet", "diffusion UNet")
+
+
+def _check_arch(unet: nn.Module, arch: str, source: str) -> None:
+    """A loaded UNet must be the architecture the config's other parts (text encoders, taps) expect."""
+    full, tiny = _sizes(arch, "unet")
+    cfg = unet.config
+    is_xl = getattr(cfg, "addition_embed_type", None) == "text_time"
+    levels, cross = len(cfg.block_out_channels), int(cfg.cross_attention_dim)
+    if (
+        is_xl != (arch == "sdxl")
+        or levels != len(full["block_out_channels"])
+        or cross not in (full["cross_attention_dim"], tiny["cross_attention_dim"])
+    ):
+        found = "SDXL" if is_xl else f"{levels} levels, {cross}-d cross-attention"
+        raise WeightsNotFoundError(
+            f"the UNet from {source} ({found}) is not {ARCH_NAMES[arch]}: choose the backbone that "
+            "matches it (`backbone=diffusion` for v1, `backbone=sd2`, `backbone=sdxl`) or point "
+            "`weights.sd_source` / `weights.unet_source` at a model of this one"
+        )
+
+
+def load_vae(mode: Mode = "pretrained", source: str = DEFAULT_SD, arch: str = "sd1") -> nn.Module:
+    """The diffusion model's ``AutoencoderKL``, frozen."""
     from diffusers import AutoencoderKL
 
-    return _sd_part(mode, source, AutoencoderKL, "vae", "VAE", (SD_V1_VAE, TINY_VAE))
+    return _sd_part(mode, source, AutoencoderKL, "vae", "VAE", _sizes(arch, "vae"))
 
 
-def load_text_encoder(mode: Mode = "pretrained", source: str = DEFAULT_SD) -> nn.Module:
-    """SD v1's text encoder (CLIP ViT-L/14 text tower as transformers ``CLIPTextModel``), frozen."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def load_text_encoder(
+    mode: Mode = "pretrained", source: str = DEFAULT_SD, arch: str = "sd1", subfolder: str = "text_encoder"
+) -> nn.Module:
+    """A text tower of the diffusion model as transformers builds it, frozen: ``CLIPTextModel``
+    (SD v1: CLIP ViT-L/14; SD 2.x: OpenCLIP ViT-H), or for SDXL's ``text_encoder_2`` (OpenCLIP
+    bigG) ``CLIPTextModelWithProjection``, whose pooled embedding conditions the UNet.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    cls = CLIPTextModelWithProjection if subfolder == "text_encoder_2" else CLIPTextModel
     return _sd_part(
-        mode,
-        source,
-        CLIPTextModel,
-        "text_encoder",
-        "text encoder",
-        (SD_V1_TEXT, TINY_TEXT),
-        wrap=CLIPTextConfig,
+        mode, source, cls, subfolder, "text encoder", _sizes(arch, subfolder), wrap=CLIPTextConfig
     )
 
 
-def load_scheduler(mode: Mode = "pretrained", source: str = DEFAULT_SD):
-    """The DDPM noise schedule of SD v1 (only ``alphas_cumprod`` is used: Eq. 1)."""
+def load_scheduler(mode: Mode = "pretrained", source: str = DEFAULT_SD, arch: str = "sd1"):
+    """The DDPM noise schedule (only ``alphas_cumprod`` is used: Eq. 1; SD v1, 2.x and SDXL share
+    it; whether a model predicts noise or velocity does not change its features).
+    """
     from diffusers import DDPMScheduler
 
     _check_mode(mode)
+    _sizes(arch, "unet")
     if mode == "pretrained" and os.path.isdir(os.path.join(source, "scheduler")):
         return DDPMScheduler.from_pretrained(source, subfolder="scheduler")
     # The hub's scheduler config is these numbers; building it avoids a download for a 1 KB file.

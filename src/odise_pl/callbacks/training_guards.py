@@ -15,10 +15,9 @@ log = get_logger(__name__)
 
 
 class NonFiniteLossMonitor(L.Callback):
-    """Counts the steps the LightningModule skipped for a NaN / inf loss (its ``training_step``
-    returns None: no backward, no update; ours says so in ``step_skipped``, as it also returns None
-    for the micro-batches it keeps until a step's last) and stops training after ``max_in_a_row`` in
-    a row.
+    """Counts the steps the LightningModule skipped for a NaN / inf loss (ours says so in
+    ``step_skipped``: its gradients are dropped, no update; another module's ``training_step``
+    returns None) and stops training after ``max_in_a_row`` in a row.
 
     The module names the offending terms in ``nonfinite_terms``; every skip is logged as
     ``train/nonfinite_steps`` and warned about.

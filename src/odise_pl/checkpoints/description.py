@@ -12,8 +12,9 @@ What the user gives explicitly still counts, per kind of key:
 - the architecture and what was trained (``model.*`` except ``model.predictor``, ``weights.mode``,
   ``weights.clip_name``): given and different from the file is a :class:`ConfigError` naming both
   values (a mismatch would otherwise load wrong-shaped or wrongly-paired weights);
-- where frozen weights are found (``weights.sd_source``, ``weights.clip_pretrained`` and every
-  ``source`` / ``pretrained`` / ``checkpoint`` / ``cache_dir`` leaf): always the running config's
+- where frozen weights are found (``weights.sd_source``, ``weights.unet_source``,
+  ``weights.clip_pretrained`` and every ``source`` / ``unet_source`` / ``pretrained`` /
+  ``checkpoint`` / ``cache_dir`` leaf): always the running config's
   (the user's or the shipped default), never the file's: paths on the training machine mean nothing
   on another, and a file does not choose what this machine reads;
 - test-time settings (``model.predictor.*``): the user's value wins, the file's is the default.
@@ -36,8 +37,14 @@ from odise_pl.errors import ConfigError
 
 # Keys the user's value wins for: test-time settings, and where frozen weights are found (the
 # training machine's paths mean nothing on another).
-_USER_WINS = ("model.predictor", "model.net.vocab_cache_mb", "weights.sd_source", "weights.clip_pretrained")
-_LOCATION_LEAVES = ("source", "pretrained", "checkpoint", "cache_dir")
+_USER_WINS = (
+    "model.predictor",
+    "model.net.vocab_cache_mb",
+    "weights.sd_source",
+    "weights.unet_source",
+    "weights.clip_pretrained",
+)
+_LOCATION_LEAVES = ("source", "unet_source", "pretrained", "checkpoint", "cache_dir")
 
 
 def describe(cfg: DictConfig, experiment: str | None = None) -> dict[str, Any]:
@@ -88,6 +95,10 @@ def _user_wins(key: str) -> bool:
     )
 
 
+# Keys whose shipped configs hold either kind (SD v1's explicit taps, the other backbones' `auto`).
+_EITHER = {"model.net.backbone.unet_block_indices": {"a list", "a string"}}
+
+
 def _kind(value: Any) -> str | None:
     if value is None:
         return None
@@ -105,7 +116,7 @@ def _relink(stored: Any, raw: Any, resolved: Any, key: str, source: Any) -> Any:
     of another kind than the running config's (a string where a number is) is refused.
     """
     want, got = _kind(resolved), _kind(stored)
-    if want and got and want != got:
+    if want and got and want != got and {want, got} != _EITHER.get(key):
         raise UntrustedConfigError(
             f"{source}: refused {key}={short(stored)}: the shipped config has {want} there ({short(resolved)})"
         )
@@ -141,7 +152,7 @@ def apply_description(cfg: DictConfig, baseline: DictConfig, desc: dict, source:
         out.model = OmegaConf.create(_relink(desc["model"], raw["model"], res["model"], "model", source))
         if desc.get("weights"):
             weights = _relink(desc["weights"], raw["weights"], res["weights"], "weights", source)
-            for k in ("sd_source", "clip_pretrained"):  # locations: this machine's
+            for k in ("sd_source", "unet_source", "clip_pretrained"):  # locations: this machine's
                 if k in raw["weights"]:
                     weights[k] = raw["weights"][k]
             out.weights = OmegaConf.create(weights)

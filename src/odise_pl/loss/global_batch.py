@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from odise_pl.errors import ConfigError
@@ -199,3 +200,17 @@ def _cache_grounding_gradients(
         scale_grad=grads[-1],
         rng=rng,
     )
+
+
+def average_gradients(params: list[Tensor]) -> None:
+    """Every process's gradients replaced by their mean over processes (what DDP does), in one
+    all-reduce of the gradients flattened together. Every process must pass the same parameters.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not params:
+        return
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))

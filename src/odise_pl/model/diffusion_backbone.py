@@ -15,7 +15,8 @@ from odise_pl.model.precision import dtype_of
 
 
 class DiffusionBackbone(nn.Module):
-    """Frozen SD v1.x VAE + UNet, tapped with forward pre-hooks.
+    """Frozen latent-diffusion VAE + UNet (SD v1.x, 2.x, SDXL, or a fine-tuned UNet of one of
+    them), tapped with forward pre-hooks.
 
     ``images: (B, 3, H, W) in [0, 1]``, ``cond: (B, L, C)``, optional ``time_offset: (B, T, C_t)``
     (row i is added to the UNet's time embedding for the i-th of the T ``timesteps``)
@@ -29,7 +30,10 @@ class DiffusionBackbone(nn.Module):
     Args:
         unet, vae: diffusers ``UNet2DConditionModel`` / ``AutoencoderKL``.
         scheduler: diffusers DDPM scheduler; its ``alphas_cumprod`` noises latents (Eq. 1).
-        unet_block_indices: UNet output blocks to tap (official: 2, 5, 8, 11: every third).
+        unet_block_indices: UNet output blocks to tap (official: 2, 5, 8, 11: every third), or
+            ``auto``: the last output block of each resolution level, read from the UNet's own
+            structure (SD v1 / 2.x: 2, 5, 8, 11, the official taps; SDXL, three levels of three
+            blocks: 2, 5, 8, at 1/32, 1/16 and 1/8 of the image).
         vae_encoder_block_indices / vae_decoder_block_indices: VAE resnets to tap (official 5, 7 / 2, 5);
             empty to skip. With no decoder taps the VAE decoder is not run at all.
         timesteps: diffusion steps t; several run the UNet once each and concatenate the UNet
@@ -61,7 +65,7 @@ class DiffusionBackbone(nn.Module):
         unet: nn.Module,
         vae: nn.Module,
         scheduler,
-        unet_block_indices: Sequence[int] = (2, 5, 8, 11),
+        unet_block_indices: Sequence[int] | str = (2, 5, 8, 11),
         vae_encoder_block_indices: Sequence[int] = (5, 7),
         vae_decoder_block_indices: Sequence[int] = (2, 5),
         timesteps: Sequence[int] = (0,),
@@ -90,9 +94,19 @@ class DiffusionBackbone(nn.Module):
         self.noise_size = tuple(noise_size) if noise_size else None
         self._noise_cache: dict[tuple, Tensor] = {}
 
+        if isinstance(unet_block_indices, str):
+            if unet_block_indices != "auto":
+                raise ValueError(
+                    f"unet_block_indices must be a list of indices or 'auto', got {unet_block_indices!r}"
+                )
+            unet_block_indices = last_block_of_each_level(unet)
         self._unet_taps = self._resolve(
             "unet_up", unet_block_indices, [r for b in unet.up_blocks for r in b.resnets], "UNet output"
         )
+        # SDXL's added conditioning: a pooled text embedding (set by the owner: set_added_text) and
+        # the size / crop numbers of each input
+        self.added_conditioning = getattr(unet.config, "addition_embed_type", None) == "text_time"
+        self.register_buffer("added_text", None, persistent=False)
         self._enc_taps = self._resolve(
             "vae_enc",
             vae_encoder_block_indices,
@@ -150,6 +164,28 @@ class DiffusionBackbone(nn.Module):
             # In place (nn.Module.compile): the modules, their weights and hooks stay the same objects.
             self.unet.compile()
             self.vae.encoder.compile()
+
+    def set_added_text(self, pooled: Tensor) -> None:
+        """(1, P) the pooled text embedding SDXL's UNet is conditioned on besides the tokens (the
+        owner passes the empty prompt's: the implicit caption conditions the cross-attention).
+        """
+        self.added_text = pooled.detach()
+
+    def _added_cond(self, images: Tensor, dtype) -> dict | None:
+        if not self.added_conditioning:
+            return None
+        if self.added_text is None:
+            raise ValueError(
+                "an SDXL UNet needs the pooled text embedding: build the backbone through ODISE, or call "
+                "set_added_text(text_encoder.pooled(['']))"
+            )
+        b, (h, w) = images.shape[0], images.shape[-2:]
+        # PARITY with SDXL's pipeline for an uncropped image: original size, crop (0, 0), target size
+        time_ids = torch.tensor([h, w, 0, 0, h, w], device=images.device, dtype=dtype)
+        return {
+            "text_embeds": self.added_text.to(images.device, dtype).expand(b, -1),
+            "time_ids": time_ids.expand(b, -1),
+        }
 
     def _store_input(self, name: str, _module, args) -> None:
         # Only during forward: gradient checkpointing re-runs the blocks in backward, and what they
@@ -302,7 +338,10 @@ class DiffusionBackbone(nn.Module):
                     self._time_offset = None if time_offset is None else time_offset[:, i]
                     tt = torch.full((images.shape[0],), t, device=images.device, dtype=torch.long)
                     self.unet(
-                        self.noisy_latents(latents, t), tt, encoder_hidden_states=cond.to(latents.dtype)
+                        self.noisy_latents(latents, t),
+                        tt,
+                        encoder_hidden_states=cond.to(latents.dtype),
+                        added_cond_kwargs=self._added_cond(images, latents.dtype),
                     )
                     for name in self._unet_taps:
                         unet_feats[name].append(self._store[name])
@@ -314,6 +353,17 @@ class DiffusionBackbone(nn.Module):
             # bf16 weights, fp32 trained parts: features in the input's dtype outside autocast
             feats = {k: v.to(images.dtype) for k, v in feats.items()}
         return feats
+
+
+def last_block_of_each_level(unet: nn.Module) -> list[int]:
+    """Indices (over all up-block resnets, in order) of each up block's last resnet: "every third
+    block" of SD v1 (2, 5, 8, 11), derived from the UNet's own structure.
+    """
+    out, start = [], 0
+    for block in unet.up_blocks:
+        start += len(block.resnets)
+        out.append(start - 1)
+    return out
 
 
 def alphas_cumprod(scheduler) -> Tensor:

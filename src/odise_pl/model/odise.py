@@ -68,6 +68,8 @@ class ODISE(nn.Module):
             time_embed_dim=backbone.time_embed_dim,
             num_timesteps=len(getattr(backbone, "timesteps", (0,))),
         )
+        if getattr(backbone, "added_conditioning", False):  # SDXL: the empty prompt's pooled embedding
+            backbone.set_added_text(text_encoder.pooled([""]))
         self.pyramid = pyramid(feature_info=backbone.feature_info())
         self.pixel_decoder = pixel_decoder
         self.transformer_decoder = transformer_decoder
