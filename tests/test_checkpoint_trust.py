@@ -410,8 +410,11 @@ def test_weight_locations_never_come_from_the_file(tmp_path, good):
     desc["model"]["net"]["backbone"]["unet"]["source"] = "/somewhere/else/sd"
     desc["model"]["net"]["clip"]["model"]["pretrained"] = "/tmp/evil.bin"
     desc["weights"]["sd_source"] = "/somewhere/else/sd"
+    desc["model"]["net"]["backbone"]["unet"]["unet_source"] = "/somewhere/else/unet"
+    desc["weights"]["unet_source"] = "/somewhere/else/unet"
     path = write(tmp_path / "loc.safetensors", desc, good[1])
     _, cfg = load_model(checkpoint=str(path))
+    assert cfg.model.net.backbone.unet.unet_source is None and cfg.weights.unet_source is None
     assert cfg.model.net.backbone.unet.source != "/somewhere/else/sd"
     assert cfg.model.net.clip.model.pretrained != "/tmp/evil.bin"
     assert cfg.weights.sd_source != "/somewhere/else/sd"
