@@ -3,8 +3,9 @@ random weights (``weights.mode=random``), one image through the whole ODISE netw
 (backbone, pyramid, mask generator; label-model settings, fp32, eager), at 512^2 and 1024^2.
 
 Per backbone: parameters (frozen / trained), FLOPs per image (``torch.utils.flop_counter``: the
-matrix products and convolutions, one multiply-add = 2 FLOPs), inference time (one warm-up, then
-the best of ``--repeats``) and peak memory (the process's max RSS, weights included). Each
+matrix products and convolutions, one multiply-add = 2 FLOPs), inference time (by default the
+counted pass itself: a full-size pass takes minutes on a CPU, so first-call costs are noise;
+``--repeats N``: one counted warm-up, then the best of N) and peak memory (the process's max RSS, weights included). Each
 backbone runs in its own process, so its peak memory is its own. The baseline is SD v1.3, the
 official backbone, measured in the same run: every other row prints its time ratio to it.
 
@@ -49,11 +50,8 @@ def build(backbone: str, tiny: bool):
         ]
     )
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        # label_512 leaves model.net.backbone_size to the backbone: its native resolution
         cfg = compose("train", overrides=overrides)
-    if not tiny:  # the backbone's native resolution, not the experiment's
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            native = compose("train", overrides=[f"backbone={backbone}"]).model.net.backbone_size
-        cfg.model.net.backbone_size = native
     torch.manual_seed(0)
     module = hydra.utils.instantiate(cfg.model)
     module.eval()
@@ -72,17 +70,25 @@ def run_one(row: str, sizes: list[int], repeats: int, out: Path, tiny: bool) -> 
     frozen = sum(p.numel() for k, p in params.items() if k.startswith(frozen_prefixes))
     result = {"frozen": frozen, "trained": sum(p.numel() for p in params.values()) - frozen, "sizes": {}}
     net.requires_grad_(False)  # inference only (and the FLOP counter's module tracker wants no grad hooks)
+    result["window"] = int(net.backbone_size)
     for size in sizes:
         image = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8)
         with torch.no_grad():
-            counter = FlopCounterMode(display=False)
-            with counter:  # also the warm-up
-                net(to_unit(image))
-            times = []
-            for _ in range(repeats):
+            if repeats == 0:  # one pass, counted and timed (the counter's own cost is negligible here)
+                counter = FlopCounterMode(display=False)
                 t = time.perf_counter()
-                net(to_unit(image))
-                times.append(time.perf_counter() - t)
+                with counter:
+                    net(to_unit(image))
+                times = [time.perf_counter() - t]
+            else:
+                counter = FlopCounterMode(display=False)
+                with counter:  # also the warm-up
+                    net(to_unit(image))
+                times = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    net(to_unit(image))
+                    times.append(time.perf_counter() - t)
         result["sizes"][size] = {"flops": counter.get_total_flops(), "time": min(times)}
     result["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     (out / f"{row}.json").write_text(json.dumps(result))
@@ -92,7 +98,12 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--rows", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
-    p.add_argument("--repeats", type=int, default=1, help="timed runs after the counted warm-up")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=0,
+        help="timed runs after the counted warm-up (0: the counted pass is the timed one; a full-size pass takes minutes)",
+    )
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke run: the tiny models at 128^2")
     p.add_argument("--one", nargs=2, metavar=("ROW", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -119,16 +130,17 @@ def main(argv=None) -> dict:
             results[row] = json.loads((Path(tmp) / f"{row}.json").read_text())
     kind = "tiny" if a.tiny else "full-size, random weights"
     print(
-        f"\n| backbone ({kind}) | frozen params | trained params | "
-        + " | ".join(f"GFLOPs {s}^2 | time {s}^2 (s)" for s in sizes)
+        f"\n| backbone ({kind}) | window | frozen params | trained params | "
+        + " | ".join(f"{'GFLOPs' if a.tiny else 'TFLOPs'} {s}^2 | time {s}^2 (s)" for s in sizes)
         + " | peak memory (GB) |"
     )
-    print("| --- " * (4 + 2 * len(sizes)) + "|")
+    print("| --- " * (5 + 2 * len(sizes)) + "|")
     for row, r in results.items():
-        cells = [f"{r['frozen'] / 1e6:.1f}M", f"{r['trained'] / 1e6:.1f}M"]
+        cells = [str(r["window"]), f"{r['frozen'] / 1e6:.1f}M", f"{r['trained'] / 1e6:.1f}M"]
         for s in sizes:
             m = r["sizes"][str(s)]
-            cells += [f"{m['flops'] / 1e9:.4g}", f"{m['time']:.2f}"]
+            flops = m["flops"] / (1e9 if a.tiny else 1e12)
+            cells += [f"{flops:.3g}", f"{m['time']:.2f}"]
         print(f"| {row} | " + " | ".join(cells) + f" | {r['peak_gb']:.1f} |")
     base = results["sd13"]["sizes"]
     for row, r in results.items():
