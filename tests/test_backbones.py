@@ -219,3 +219,22 @@ def test_full_size_architectures_match_the_published_parameter_counts():
         round(count(W.load_text_encoder("meta", arch="sdxl", subfolder="text_encoder_2")) / 1e6, 1) == 694.7
     )  # bigG
     assert round(count(W.load_vae("meta", arch="sdxl")) / 1e6, 1) == 83.7
+
+
+@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
+def test_missing_weights_of_every_part_are_one_clear_error(tmp_path, arch):
+    missing = str(tmp_path / "not-downloaded")
+    loaders = [
+        lambda: W.load_unet("pretrained", missing, arch=arch),
+        lambda: W.load_vae("pretrained", missing, arch=arch),
+        lambda: W.load_text_encoder("pretrained", missing, arch=arch),
+    ]
+    if arch == "sdxl":
+        loaders.append(
+            lambda: W.load_text_encoder("pretrained", missing, arch=arch, subfolder="text_encoder_2")
+        )
+    for load in loaders:
+        with pytest.raises(
+            WeightsNotFoundError, match=r"cannot load the .* from .*not-downloaded[\s\S]*weights\.sd_source="
+        ):
+            load()

@@ -178,11 +178,13 @@ class ODISELitModule(TrainableOnlyCheckpoints, L.LightningModule):
                 self._sync_gradients = True
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        if getattr(self, "_sync_gradients", False) and not self.step_skipped:
+            # Non-finite after averaging (fp16: an overflow on another process, which its gradient
+            # scaler saw and this one's did not): skipped on every process alike.
+            self.step_skipped = not average_gradients([p for p in self.parameters() if p.grad is not None])
         if self.step_skipped:  # no gradient, no update: the optimiser passes over every parameter
             for p in self.parameters():
                 p.grad = None
-        elif getattr(self, "_sync_gradients", False):
-            average_gradients([p for p in self.parameters() if p.grad is not None])
 
     def _all_finite(self, terms: dict[str, Tensor]) -> bool:
         bad = [k for k, v in terms.items() if not bool(torch.isfinite(v))]

@@ -202,15 +202,17 @@ def _cache_grounding_gradients(
     )
 
 
-def average_gradients(params: list[Tensor]) -> None:
+def average_gradients(params: list[Tensor]) -> bool:
     """Every process's gradients replaced by their mean over processes (what DDP does), in one
-    all-reduce of the gradients flattened together. Every process must pass the same parameters.
+    all-reduce of the gradients flattened together; returns whether the mean is finite (the same
+    answer on every process). Every process must pass the same parameters.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not params:
-        return
+        return all(bool(torch.isfinite(p.grad).all()) for p in params)
     grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     for g, part in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(part.view_as(g))
+    return bool(torch.isfinite(flat).all())
