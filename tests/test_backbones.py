@@ -23,18 +23,11 @@ from odise_pl.inference.segment import load_model
 from odise_pl.model.diffusion_backbone import DiffusionBackbone, last_block_of_each_level
 from odise_pl.model.text_encoder import SDTextEncoder
 from odise_pl.train import build, train
+from test_readme_commands import FAST
 
 from test_train import cfg_for
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = [
-    "trainer.max_steps=2",
-    "data.num_workers=0",
-    "data.synthetic.num_train=2",
-    "data.synthetic.num_val=1",
-    "callbacks.progress.refresh_rate=0",
-    "trainer.enable_model_summary=false",
-]
 
 
 @pytest.mark.parametrize("backbone", ["sd2", "sdxl"])

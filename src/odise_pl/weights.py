@@ -157,20 +157,20 @@ TINY_XL_TEXT_2 = dict(
 # arch -> part -> (full size, tiny): what random / tiny / meta build and a single file is loaded into
 ARCHITECTURES = {
     "sd1": {
-        "unet": "SD_V1_UNET TINY_UNET",
-        "vae": "SD_V1_VAE TINY_VAE",
-        "text_encoder": "SD_V1_TEXT TINY_TEXT",
+        "unet": ("SD_V1_UNET", "TINY_UNET"),
+        "vae": ("SD_V1_VAE", "TINY_VAE"),
+        "text_encoder": ("SD_V1_TEXT", "TINY_TEXT"),
     },
     "sd2": {
-        "unet": "SD_V2_UNET TINY_V2_UNET",
-        "vae": "SD_V1_VAE TINY_VAE",
-        "text_encoder": "SD_V2_TEXT TINY_V2_TEXT",
+        "unet": ("SD_V2_UNET", "TINY_V2_UNET"),
+        "vae": ("SD_V1_VAE", "TINY_VAE"),
+        "text_encoder": ("SD_V2_TEXT", "TINY_V2_TEXT"),
     },
     "sdxl": {
-        "unet": "SDXL_UNET TINY_XL_UNET",
-        "vae": "SDXL_VAE TINY_VAE",
-        "text_encoder": "SD_V1_TEXT TINY_TEXT",
-        "text_encoder_2": "SDXL_TEXT_2 TINY_XL_TEXT_2",
+        "unet": ("SDXL_UNET", "TINY_XL_UNET"),
+        "vae": ("SDXL_VAE", "TINY_VAE"),
+        "text_encoder": ("SD_V1_TEXT", "TINY_TEXT"),
+        "text_encoder_2": ("SDXL_TEXT_2", "TINY_XL_TEXT_2"),
     },
 }
 ARCH_NAMES = {"sd1": "Stable Diffusion v1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL"}
@@ -184,7 +184,7 @@ def _sizes(arch: str, part: str) -> tuple[dict, dict]:
         raise ValueError(f"unknown diffusion architecture {arch!r}: one of {sorted(ARCHITECTURES)}")
     if part not in ARCHITECTURES[arch]:
         raise ValueError(f"{ARCH_NAMES[arch]} has no {part}")
-    full, tiny = ARCHITECTURES[arch][part].split()
+    full, tiny = ARCHITECTURES[arch][part]
     return globals()[full], globals()[tiny]
 
 
@@ -232,17 +232,17 @@ def _hf_cache() -> str:
     return HF_HUB_CACHE
 
 
-def _sd_part(
-    mode: str, source: str, cls, subfolder: str, what: str, sizes: tuple[dict, dict], wrap=None
-) -> nn.Module:
-    """One part of SD v1, frozen: ``cls.from_pretrained(source, subfolder)``, or built from
-    ``sizes`` (full, tiny), through ``wrap`` (a config class) when given; a ``source`` that is one
-    checkpoint file is built full size and loaded from the file's part ``subfolder``.
+def _sd_part(mode: str, source: str, cls, subfolder: str, what: str, arch: str, wrap=None) -> nn.Module:
+    """One part of the diffusion model, frozen: ``cls.from_pretrained(source, subfolder)``, or
+    built from ``arch``'s sizes of that part (full, tiny), through ``wrap`` (a config class) when
+    given; a ``source`` that is one checkpoint file is built full size and loaded from the file's
+    part ``subfolder`` (SD v1 only).
     """
     _check_mode(mode)
+    sizes = _sizes(arch, subfolder)
     if mode == "pretrained" and not is_single_file(source):
         return _frozen(_from_pretrained(cls, source, subfolder, what))
-    if mode == "pretrained" and sizes[0] not in (SD_V1_UNET, SD_V1_VAE, SD_V1_TEXT):
+    if mode == "pretrained" and arch != "sd1":
         raise WeightsNotFoundError(
             f"{source}: single-file checkpoints are read for Stable Diffusion v1.x only; give this model "
             "in diffusers format (a folder with unet/, vae/, text_encoder/, ... or a hub id) as `weights.sd_source`"
@@ -275,7 +275,7 @@ def load_unet(
     if mode == "pretrained" and unet_source:
         model = _frozen(_from_unet_source(UNet2DConditionModel, unet_source))
     else:
-        model = _sd_part(mode, source, UNet2DConditionModel, "unet", "diffusion UNet", _sizes(arch, "unet"))
+        model = _sd_part(mode, source, UNet2DConditionModel, "unet", "diffusion UNet", arch)
     _check_arch(model, arch, unet_source or source)
     return model
 
@@ -313,7 +313,7 @@ def load_vae(mode: Mode = "pretrained", source: str = DEFAULT_SD, arch: str = "s
     """The diffusion model's ``AutoencoderKL``, frozen."""
     from diffusers import AutoencoderKL
 
-    return _sd_part(mode, source, AutoencoderKL, "vae", "VAE", _sizes(arch, "vae"))
+    return _sd_part(mode, source, AutoencoderKL, "vae", "VAE", arch)
 
 
 def load_text_encoder(
@@ -326,9 +326,7 @@ def load_text_encoder(
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cls = CLIPTextModelWithProjection if subfolder == "text_encoder_2" else CLIPTextModel
-    return _sd_part(
-        mode, source, cls, subfolder, "text encoder", _sizes(arch, subfolder), wrap=CLIPTextConfig
-    )
+    return _sd_part(mode, source, cls, subfolder, "text encoder", arch, wrap=CLIPTextConfig)
 
 
 def load_scheduler(mode: Mode = "pretrained", source: str = DEFAULT_SD, arch: str = "sd1"):

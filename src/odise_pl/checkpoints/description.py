@@ -37,13 +37,8 @@ from odise_pl.errors import ConfigError
 
 # Keys the user's value wins for: test-time settings, and where frozen weights are found (the
 # training machine's paths mean nothing on another).
-_USER_WINS = (
-    "model.predictor",
-    "model.net.vocab_cache_mb",
-    "weights.sd_source",
-    "weights.unet_source",
-    "weights.clip_pretrained",
-)
+_WEIGHT_LOCATIONS = ("sd_source", "unet_source", "clip_pretrained")  # under `weights`
+_USER_WINS = ("model.predictor", "model.net.vocab_cache_mb", *(f"weights.{k}" for k in _WEIGHT_LOCATIONS))
 _LOCATION_LEAVES = ("source", "unet_source", "pretrained", "checkpoint", "cache_dir")
 
 
@@ -152,7 +147,7 @@ def apply_description(cfg: DictConfig, baseline: DictConfig, desc: dict, source:
         out.model = OmegaConf.create(_relink(desc["model"], raw["model"], res["model"], "model", source))
         if desc.get("weights"):
             weights = _relink(desc["weights"], raw["weights"], res["weights"], "weights", source)
-            for k in ("sd_source", "unet_source", "clip_pretrained"):  # locations: this machine's
+            for k in _WEIGHT_LOCATIONS:  # this machine's
                 if k in raw["weights"]:
                     weights[k] = raw["weights"][k]
             out.weights = OmegaConf.create(weights)

@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from odise_pl.errors import ConfigError
-from odise_pl.loss.odise_loss import ODISELoss
+from odise_pl.loss.normalisers import world_size
+from odise_pl.loss.odise_loss import ODISELoss, needs_captions
 
 Forward = Callable[[dict], tuple[dict, "Tensor | None"]]
 
@@ -97,10 +97,7 @@ def global_batch_step(
     images = micro_batches[0]["images"]
     caption = loss.supervision == "caption"
     if caption and any(mb.get("words") is None for mb in micro_batches):
-        raise ConfigError(
-            "model.supervision=caption needs captions: set data.k_words > 0 and "
-            "data.train_dataset.captions=true (or a caption_source), or train with model.supervision=label"
-        )
+        raise needs_captions()
     norm = loss.normalisers([mb["targets"] for mb in micro_batches], num_queries, images.device)
     cache = None
     if caption and len(micro_batches) > 1:
@@ -207,12 +204,13 @@ def average_gradients(params: list[Tensor]) -> bool:
     all-reduce of the gradients flattened together; returns whether the mean is finite (the same
     answer on every process). Every process must pass the same parameters.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not params:
+    world = world_size()
+    if world == 1 or not params:
         return all(bool(torch.isfinite(p.grad).all()) for p in params)
     grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    flat /= world
     for g, part in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(part.view_as(g))
     return bool(torch.isfinite(flat).all())

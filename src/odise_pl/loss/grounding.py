@@ -12,9 +12,9 @@ from odise_pl.loss.normalisers import at_least_fp32, world_size
 
 def gather_with_local_grad(x: Tensor) -> Tensor:
     """all_gather along dim 0; this rank's slice keeps its autograd graph, the others are constants."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.detach().contiguous())
     parts[dist.get_rank()] = x
     return torch.cat(parts, 0)

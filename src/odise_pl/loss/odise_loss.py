@@ -14,6 +14,14 @@ from odise_pl.loss.grounding import GroundingLoss
 from odise_pl.loss.normalisers import Normalisers
 
 
+def needs_captions() -> ConfigError:
+    """What caption supervision without captions in the batch is told."""
+    return ConfigError(
+        "model.supervision=caption needs captions: set data.k_words > 0 and "
+        "data.train_dataset.captions=true (or a caption_source), or train with model.supervision=label"
+    )
+
+
 class ODISELoss(nn.Module):
     """``outputs`` (the model's, with ``pred_logits`` for label supervision), ``targets``, and for
     caption supervision ``words: (B, K, D)`` and the temperature -> named loss terms
@@ -94,10 +102,7 @@ class ODISELoss(nn.Module):
         losses = self.criterion(outputs, targets, normalisers)
         if self.supervision == "caption" and ground:
             if words is None or scale is None:
-                raise ConfigError(
-                    "model.supervision=caption needs captions: set data.k_words > 0 and "
-                    "data.train_dataset.captions=true (or a caption_source), or train with model.supervision=label"
-                )
+                raise needs_captions()
             losses.update(
                 self.grounding_terms([out["mask_embed"] for out in sets], words, scale, words_valid)
             )
